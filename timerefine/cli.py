@@ -1,0 +1,155 @@
+"""The ``timerefine`` command: one entry point for every job.
+
+Library commands (convert, score, baseline, synth) run here. Ray jobs live in ``pipelines/`` and ``tune/``
+so that ``ray job submit -- python pipelines/<job>.py`` and ``timerefine <job>`` run the same code: each of
+those modules exposes ``add_arguments(parser)`` and ``run(args) -> exit code``, and is imported only when
+its subcommand is chosen (so ``timerefine score`` never pays for importing Ray or torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+# subcommand -> (module, one-line help). The module provides add_arguments(parser) and run(args).
+RAY_JOBS: dict[str, tuple[str, str]] = {
+    "extract": ("pipelines.extract_features", "extract CLIP features from videos (local or s3://) with Ray Data"),
+    "train": ("pipelines.train", "fine-tune a grounding model with Ray Train"),
+    "evaluate": ("pipelines.evaluate", "batch inference + metrics with Ray Data"),
+    "predict": ("pipelines.predict", "ground one query in one video"),
+    "sweep": ("tune.sweep", "sweep refinement schedule x L1 weight with Ray Tune"),
+    "report": ("tune.report", "write report.md + plot for a sweep's results"),
+    "demo": ("pipelines.demo", "synthetic videos -> features -> training -> evaluation, on a local Ray"),
+}
+
+
+def _add_annotation_args(parser: argparse.ArgumentParser, flag: str, help: str) -> None:
+    parser.add_argument(flag, required=True, help=help + " (Charades-STA txt, ActivityNet json, "
+                        "QVHighlights jsonl or our jsonl; detected from content)")
+
+
+def _add_format_args(parser: argparse.ArgumentParser) -> None:
+    from timerefine.data.annotations import FORMATS
+
+    parser.add_argument("--format", choices=FORMATS, help="annotation format (default: detect from content)")
+    parser.add_argument("--durations", help="Charades metadata CSV (id, length) for formats without durations")
+
+
+def _read(path: str, args: argparse.Namespace):
+    from timerefine.data.annotations import read_annotations
+
+    queries, summary = read_annotations(path, format=getattr(args, "format", None), durations=args.durations)
+    print(summary.format(), file=sys.stderr)
+    return queries
+
+
+def _emit_metrics(metrics: dict, name: str, output: str | None, extra_rows: dict | None = None) -> None:
+    from timerefine.metrics import format_table
+
+    print(format_table({**(extra_rows or {}), name: metrics}))
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps(metrics, indent=2) + "\n")
+        print(f"wrote {output}", file=sys.stderr)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from timerefine.data.annotations import write_jsonl
+
+    n = write_jsonl(_read(args.input, args), args.output)
+    print(f"wrote {n} queries to {args.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from timerefine.metrics import read_predictions, score
+
+    queries = _read(args.annotations, args)
+    metrics = score(read_predictions(args.predictions), queries, compat=args.compat)
+    _emit_metrics(metrics, Path(args.predictions).name, args.output)
+    return 0
+
+
+def cmd_baseline(args: argparse.Namespace) -> int:
+    from timerefine.baselines import fit_prior, score_prior
+
+    train = _read(args.fit, args)
+    test = _read(args.annotations, args)
+    prior = fit_prior(args.kind, train, seed=args.seed)
+    metrics = score_prior(prior, test, compat=args.compat)
+    _emit_metrics(metrics, f"prior:{args.kind} {prior.describe()}", args.output)
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from timerefine.data.synthetic import SynthConfig, generate_benchmark
+
+    summary = generate_benchmark(args.output, SynthConfig(videos=args.videos, seed=args.seed, workers=args.workers))
+    print(summary.format() if hasattr(summary, "format") else summary, file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="timerefine", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("convert", help="convert annotations (Charades-STA, ActivityNet, QVHighlights) to our JSONL")
+    p.add_argument("input")
+    p.add_argument("-o", "--output", required=True, help="output JSONL")
+    _add_format_args(p)
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("score", help="score predictions (ours or Moment-DETR's) against annotations")
+    p.add_argument("--predictions", required=True)
+    _add_annotation_args(p, "--annotations", "ground truth")
+    _add_format_args(p)
+    p.add_argument("--compat", choices=["vtimellm"], help="round each IoU to two decimals, as VTimeLLM reports")
+    p.add_argument("-o", "--output", help="write metrics JSON here")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("baseline", help="score a query-blind prior (the floor every model must beat)")
+    p.add_argument("kind", choices=["fixed", "whole", "random"])
+    _add_annotation_args(p, "--fit", "training annotations the prior is fitted on")
+    _add_annotation_args(p, "--annotations", "test annotations")
+    _add_format_args(p)
+    p.add_argument("--compat", choices=["vtimellm"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--output", help="write metrics JSON here")
+    p.set_defaults(func=cmd_baseline)
+
+    p = sub.add_parser("synth", help="write the synthetic benchmark: real MP4s + train/val/test annotations")
+    p.add_argument("-o", "--output", required=True, help="output directory")
+    p.add_argument("--videos", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=0, help="render processes (0: one per CPU)")
+    p.set_defaults(func=cmd_synth)
+
+    for name, (module, help) in RAY_JOBS.items():
+        p = sub.add_parser(name, help=help)
+        p.set_defaults(job_module=module)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    # Ray jobs own their arguments: parse the subcommand name first, then hand the rest to the job module.
+    if argv and argv[0] in RAY_JOBS:
+        module = importlib.import_module(RAY_JOBS[argv[0]][0])
+        job_parser = argparse.ArgumentParser(prog=f"timerefine {argv[0]}", description=RAY_JOBS[argv[0]][1])
+        module.add_arguments(job_parser)
+        return int(module.run(job_parser.parse_args(argv[1:])) or 0)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as err:  # bad input: one clear line, no traceback
+        print(f"timerefine {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
