@@ -16,10 +16,20 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import raycluster  # sets Ray's environment before any test module imports ray
 
 from timerefine.video import write_video
 
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The address of a local Ray cluster (2 CPUs, 127.0.0.1) that this test process is connected to; one
+    for the whole session, shared by every test folder (tests/pipelines, tests/tune)."""
+    address = raycluster.start_local_ray(tmp_path_factory.mktemp("ray"))
+    yield address
+    raycluster.stop_local_ray()
 
 
 @pytest.fixture(scope="session")

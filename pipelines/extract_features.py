@@ -1,0 +1,345 @@
+"""Feature extraction on Ray Data: a video folder, S3 prefix or list of URIs into a CLIP feature table.
+
+Two doors, one job: ``timerefine extract ...`` and
+``ray job submit --working-dir . -- python pipelines/extract_features.py ...``.
+
+The stream: list (driver) -> decode (CPU task a video, in a child process with a timeout) -> encode
+(actor pool, the encoder loaded once per actor) -> write (a Parquet part a batch of videos) -> the
+driver, which counts what was written and prints progress. Videos already in the output are skipped;
+failed ones are retried with ``--retry-errors``. The stages are library functions
+(``timerefine.features``); resources are chosen in ``timerefine.compute``; this file wires them.
+
+Exit status: 0 when at least one video is in the table, 1 when nothing succeeded, 2 when the input or
+output cannot be used (storage errors, a table written with another encoder) or the pipeline failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script (ray job submit): make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pyarrow as pa
+import ray
+from ray.data import Dataset
+
+from timerefine.compute import ClusterResources, ExtractionCompute, plan_extraction
+from timerefine.data.storage import Storage, StorageError, video_id_from_uri
+from timerefine.encoders import ClipImageEncoder, ClipPreprocessing, EncoderRef, resolve_encoder
+from timerefine.features import (
+    DECODED_SCHEMA,
+    STATUS_ERROR,
+    STATUS_OK,
+    WRITTEN_SCHEMA,
+    DecodeSettings,
+    committed_statuses,
+    decode_video,
+    encode_videos,
+    shared_decoder,
+    write_feature_part,
+)
+
+logger = logging.getLogger("timerefine.extract")
+
+EXIT_OK, EXIT_NOTHING_SUCCEEDED, EXIT_UNUSABLE = 0, 1, 2
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input", required=True, help="video folder, s3:// prefix, or text file of URIs")
+    parser.add_argument("--output", required=True, help="feature table folder or s3://bucket/prefix")
+    parser.add_argument("--encoder", default=None, help="CLIP hub id or local dir (default: built-in)")
+    parser.add_argument("--num-frames", type=int, default=100, help="frames sampled per video")
+    parser.add_argument("--batch-size", type=int, default=256, help="frames per encoder forward pass")
+    parser.add_argument("--encoders", type=int, default=None, help="encoder actors (default: per GPU or CPU)")
+    parser.add_argument("--gpus-per-encoder", type=float, default=None, help="0 forces CPU encoders")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
+    parser.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (or AWS_ENDPOINT_URL)")
+    parser.add_argument("--retry-errors", action="store_true", help="retry videos that failed before")
+    parser.add_argument("--decode-timeout", type=float, default=120.0, help="seconds per video")
+    parser.add_argument("--decode-memory-mb", type=int, default=4096, help="decoder memory cap per video")
+    parser.add_argument("--videos-per-file", type=int, default=64, help="videos per Parquet part file")
+    parser.add_argument("--progress-every", type=int, default=50, help="print a progress line per N videos")
+
+
+@dataclass
+class Progress:
+    """Counts written videos and prints a line per ``every`` videos with throughput and ETA."""
+
+    total: int
+    every: int
+    num_frames: int
+    started: float = field(default_factory=time.monotonic)
+    counts: Counter = field(default_factory=Counter)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    _next_report: int = 0
+
+    def __post_init__(self) -> None:
+        self._next_report = self.every
+
+    @property
+    def done(self) -> int:
+        return self.counts[STATUS_OK] + self.counts[STATUS_ERROR]
+
+    def update(self, written: pa.Table) -> None:
+        for row in written.to_pylist():
+            self.counts[row["status"]] += 1
+            if row["status"] == STATUS_ERROR:
+                self.failures.append((row["video_id"], row["error"]))
+        if self.done >= self._next_report or self.done == self.total:
+            self._next_report = (self.done // self.every + 1) * self.every
+            elapsed = time.monotonic() - self.started
+            rate = self.done / elapsed if elapsed else 0.0
+            eta = (self.total - self.done) / rate if rate else float("inf")
+            print(
+                f"[extract] {self.done}/{self.total} videos ({self.counts[STATUS_OK]} ok, "
+                f"{self.counts[STATUS_ERROR]} failed), {rate:.2f} videos/s, "
+                f"{self.frames_per_s():.0f} frames/s, ETA {_duration(eta)}",
+                flush=True,
+            )
+
+    def frames_per_s(self) -> float:
+        elapsed = time.monotonic() - self.started
+        return self.counts[STATUS_OK] * self.num_frames / elapsed if elapsed else 0.0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the extraction; returns the exit status (see the module docstring)."""
+    try:
+        _check_arguments(args)
+        storage = Storage(endpoint_url=args.endpoint_url)
+        encoder = resolve_encoder(args.encoder)
+        preprocessing = ClipPreprocessing.from_pretrained(*encoder.pretrained_source())
+        videos = _list_videos(args.input, storage)
+        statuses, metadata = committed_statuses(args.output, storage)
+        _check_same_extraction(args.output, metadata, encoder, args.num_frames)
+    except (StorageError, ValueError, FileNotFoundError) as error:
+        print(f"[extract] error: {error}", file=sys.stderr)
+        return EXIT_UNUSABLE
+
+    retry = {STATUS_ERROR} if args.retry_errors else set()
+    todo = {
+        video_id: uri
+        for video_id, uri in videos.items()
+        if video_id not in statuses or statuses[video_id] in retry
+    }
+    skipped = Counter(statuses[video_id] for video_id in videos if video_id not in todo)
+    print(
+        f"[extract] {len(videos)} videos in {args.input}: {len(todo)} to extract, "
+        f"{skipped[STATUS_OK]} already done, {skipped[STATUS_ERROR]} failed before"
+        + ("" if args.retry_errors or not skipped[STATUS_ERROR] else " (--retry-errors retries them)"),
+        flush=True,
+    )
+    progress = Progress(total=len(todo), every=args.progress_every, num_frames=args.num_frames)
+    if todo:
+        try:
+            storage.check_writable(args.output)
+            settings = DecodeSettings.for_encoder(
+                preprocessing,
+                num_frames=args.num_frames,
+                timeout_s=args.decode_timeout,
+                memory_limit_mb=args.decode_memory_mb,
+            )
+            _extract(todo, args, storage, encoder, settings, progress)
+        except StorageError as error:
+            print(f"[extract] error: the output cannot be written: {error}", file=sys.stderr)
+            return EXIT_UNUSABLE
+        except Exception as error:  # a failed Ray job: what is written stays, a rerun resumes
+            logger.exception("extraction failed")
+            print(f"[extract] error: the pipeline failed ({error}); rerun to resume", file=sys.stderr)
+            return EXIT_UNUSABLE
+
+    _print_summary(progress, skipped, args)
+    missing = len(todo) - progress.done
+    if missing:
+        print(f"[extract] error: {missing} videos produced no row; rerun to extract them", file=sys.stderr)
+        return EXIT_UNUSABLE
+    succeeded = progress.counts[STATUS_OK] + skipped[STATUS_OK]
+    return EXIT_OK if succeeded else EXIT_NOTHING_SUCCEEDED
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return run(parser.parse_args(argv))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The Ray wiring (also used by bench/extract.py to time each stage alone)
+
+
+class EncodeStage:
+    """The encoder actor: loads the encoder once, then turns decoded videos into feature rows."""
+
+    def __init__(self, encoder: EncoderRef, threads: int | None, num_frames: int, batch_size: int) -> None:
+        self.encoder = ClipImageEncoder(encoder, threads=threads)
+        self.num_frames = num_frames
+        self.batch_size = batch_size
+
+    def __call__(self, decoded: pa.Table) -> pa.Table:
+        return encode_videos(self.encoder, decoded, self.num_frames, self.batch_size)
+
+
+def decode_stage(videos: pa.Table, storage: Storage, settings: DecodeSettings) -> pa.Table:
+    decoder = shared_decoder(settings)  # one decoder process per Ray worker, reused across tasks
+    rows = [decode_video(row["video_id"], row["uri"], storage, decoder) for row in videos.to_pylist()]
+    return pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)
+
+
+def write_stage(features: pa.Table, output: str, storage: Storage) -> pa.Table:
+    part = write_feature_part(features, output, storage)
+    summary = features.select(["video_id", "status", "error"])
+    return summary.append_column("part", pa.array([part] * len(summary), pa.string())).cast(WRITTEN_SCHEMA)
+
+
+def video_dataset(todo: dict[str, str]) -> Dataset:
+    """One block, and so one decode task, a video."""
+    items = [{"video_id": video_id, "uri": uri} for video_id, uri in todo.items()]
+    return ray.data.from_items(items, override_num_blocks=len(items))
+
+
+def add_decoding(
+    videos: Dataset, storage: Storage, settings: DecodeSettings, compute: ExtractionCompute
+) -> Dataset:
+    return videos.map_batches(
+        decode_stage,
+        batch_size=1,
+        batch_format="pyarrow",
+        fn_kwargs={"storage": storage, "settings": settings},
+        **compute.decode_args(),
+    )
+
+
+def add_encoding(
+    decoded: Dataset,
+    encoder: EncoderRef,
+    settings: DecodeSettings,
+    compute: ExtractionCompute,
+    batch_size: int,
+) -> Dataset:
+    """Each actor call takes as many whole videos as fit in ``batch_size`` frames (at least one)."""
+    return decoded.map_batches(
+        EncodeStage,
+        batch_size=max(1, batch_size // settings.num_frames),
+        batch_format="pyarrow",
+        fn_constructor_kwargs={
+            "encoder": encoder,
+            "threads": compute.encoder_threads,
+            "num_frames": settings.num_frames,
+            "batch_size": batch_size,
+        },
+        **compute.encode_args(),
+    )
+
+
+def add_writing(
+    features: Dataset,
+    output: str,
+    storage: Storage,
+    compute: ExtractionCompute,
+    videos_per_file: int,
+) -> Dataset:
+    return features.map_batches(
+        write_stage,
+        batch_size=videos_per_file,
+        batch_format="pyarrow",
+        fn_kwargs={"output": output, "storage": storage},
+        **compute.write_args(),
+    )
+
+
+def _extract(
+    todo: dict[str, str],
+    args: argparse.Namespace,
+    storage: Storage,
+    encoder: EncoderRef,
+    settings: DecodeSettings,
+    progress: Progress,
+) -> None:
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(address=args.address)
+    try:
+        compute = plan_extraction(ClusterResources.of_running_cluster(), args.encoders, args.gpus_per_encoder)
+        print(f"[extract] {compute.describe()}", flush=True)
+        decoded = add_decoding(video_dataset(todo), storage, settings, compute)
+        features = add_encoding(decoded, encoder, settings, compute, args.batch_size)
+        written = add_writing(features, args.output, storage, compute, args.videos_per_file)
+        for batch in written.iter_batches(batch_size=None, batch_format="pyarrow"):
+            progress.update(batch)
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Driver-side checks and reports
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    for name in ("num_frames", "batch_size", "videos_per_file", "progress_every", "decode_memory_mb"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not args.decode_timeout > 0:
+        raise ValueError(f"--decode-timeout must be a positive number of seconds, got {args.decode_timeout}")
+
+
+def _list_videos(input_uri: str, storage: Storage) -> dict[str, str]:
+    """video_id -> URI; two files with one id would overwrite each other's row, so they are an error."""
+    videos: dict[str, str] = {}
+    for uri in storage.list_videos(input_uri):
+        video_id = video_id_from_uri(uri)
+        if video_id in videos:
+            raise ValueError(
+                f"{input_uri}: two videos share the id {video_id!r} ({videos[video_id]} and {uri}); "
+                "video ids are file names without extension and must be unique: rename one of them"
+            )
+        videos[video_id] = uri
+    if not videos:
+        raise ValueError(f"{input_uri}: no videos found (looked for .avi .mkv .mov .mp4 .webm)")
+    return videos
+
+
+def _check_same_extraction(output: str, metadata: dict | None, encoder: EncoderRef, num_frames: int) -> None:
+    """Resuming into a table made with another encoder or frame count would mix incomparable features."""
+    if metadata is None:
+        return
+    if metadata["encoder"] != encoder.identity or metadata["num_frames"] != num_frames:
+        raise ValueError(
+            f"{output} holds features of {metadata['encoder']} with {metadata['num_frames']} frames a video; "
+            f"this run asks for {encoder.identity} with {num_frames}. Write to another output"
+        )
+
+
+def _print_summary(progress: Progress, skipped: Counter, args: argparse.Namespace) -> None:
+    elapsed = time.monotonic() - progress.started
+    print(
+        f"[extract] done in {_duration(elapsed)}: {progress.counts[STATUS_OK]} ok, "
+        f"{progress.counts[STATUS_ERROR]} failed, {sum(skipped.values())} skipped "
+        f"({skipped[STATUS_OK]} already ok, {skipped[STATUS_ERROR]} failed before); "
+        f"{progress.frames_per_s():.0f} frames/s. Table: {args.output}",
+        flush=True,
+    )
+    for video_id, reason in progress.failures[:20]:
+        print(f"[extract]   failed {video_id}: {reason}", flush=True)
+    if len(progress.failures) > 20:
+        print(f"[extract]   ... and {len(progress.failures) - 20} more (status = 'error' rows)", flush=True)
+
+
+def _duration(seconds: float) -> str:
+    if seconds == float("inf"):
+        return "?"
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,281 @@
+"""The feature-extraction job on a real local Ray cluster: local folders and S3 (SeaweedFS), error rows,
+resume, retries, exit codes, the ``ray job submit`` door (the script run as a subprocess), and the
+compute plan it runs with."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import threading
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.dataset as pads
+import pytest
+from s3server import prepare_seaweedfs, start_seaweedfs
+
+from pipelines import extract_features
+from timerefine.compute import DECODE_TASK_MEMORY, ClusterResources, plan_extraction
+from timerefine.data.storage import Storage
+from timerefine.encoders import resolve_encoder
+from timerefine.features import (
+    STATUS_ERROR,
+    STATUS_OK,
+    DecodeSettings,
+    load_features,
+    read_feature_table,
+    table_metadata,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+GOOD = ("counter_10fps", "vfr_offset", "rotated_90")
+BROKEN = ("zero_byte", "truncated", "not_video")
+
+
+def extract(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    extract_features.add_arguments(parser)
+    return extract_features.run(parser.parse_args(["--encoders", "1", *argv]))
+
+
+def copy_videos(sample_videos: dict[str, Path], names, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        shutil.copy(sample_videos[name], folder / sample_videos[name].name)
+    return folder
+
+
+def part_files(folder: Path) -> dict[str, float]:
+    return {path.name: path.stat().st_mtime for path in folder.glob("part-*.parquet")}
+
+
+def raw_rows(folder: Path) -> list[tuple[str, str]]:
+    """Every row of every part file, before the reader keeps one per video."""
+    table = pads.dataset(str(folder), format="parquet").to_table(columns=["video_id", "status"])
+    return list(zip(table.column("video_id").to_pylist(), table.column("status").to_pylist(), strict=True))
+
+
+def ids_in(part: Path) -> set[str]:
+    return set(pd.read_parquet(part, columns=["video_id"]).video_id)
+
+
+def assert_ok_row(row: dict, features: np.ndarray, num_frames: int = 100) -> None:
+    assert row["status"] == STATUS_OK and row["error"] is None
+    assert features.shape == (num_frames, 768) and np.isfinite(features).all()
+    times = np.asarray(row["frame_times_s"])
+    assert len(times) == num_frames and (np.diff(times) >= 0).all()
+    assert times[0] >= 0 and times[-1] <= row["duration_s"]
+
+
+@pytest.mark.integration
+def test_a_local_folder_becomes_a_table_with_error_rows_and_resumes(
+    ray_cluster, sample_videos, tmp_path, capsys
+):
+    videos = copy_videos(sample_videos, GOOD + BROKEN, tmp_path / "videos")
+    output = tmp_path / "features"
+
+    assert extract("--input", str(videos), "--output", str(output), "--videos-per-file", "2") == 0
+
+    printed = capsys.readouterr().out
+    assert "[extract] 6/6 videos (3 ok, 3 failed)" in printed
+    assert "done in" in printed and "3 ok, 3 failed, 0 skipped" in printed
+    table = read_feature_table(str(output))
+    rows = {row["video_id"]: row for row in table.drop_columns(["features"]).to_pylist()}
+    assert sorted(rows) == sorted(GOOD + BROKEN)
+    encoder = resolve_encoder(None).identity
+    assert table_metadata(table.schema) == {"version": 1, "encoder": encoder, "num_frames": 100, "dim": 768}
+    assert {row["encoder"] for row in rows.values()} == {encoder}
+    features = load_features(str(output))
+    assert sorted(features) == sorted(GOOD)
+    for video_id in GOOD:
+        assert_ok_row(rows[video_id], features[video_id].features.astype(np.float32))
+    for video_id in BROKEN:
+        assert rows[video_id]["status"] == STATUS_ERROR and rows[video_id]["error"]
+    plain = pd.read_parquet(output)  # plain pandas, no timerefine, no Ray
+    assert len(plain) == 6
+    assert plain.set_index("video_id").loc["counter_10fps", "features"].shape == (100 * 768,)
+
+    # A rerun skips everything and writes nothing.
+    parts = part_files(output)
+    assert len(parts) == 3
+    assert extract("--input", str(videos), "--output", str(output)) == 0
+    assert "0 to extract, 3 already done, 3 failed before (--retry-errors" in capsys.readouterr().out
+    assert part_files(output) == parts
+
+    # A lost part (a run killed before writing it) is re-extracted; --retry-errors retries failed videos.
+    # Neither writes an ok video twice.
+    lost = next(output / name for name in parts if ids_in(output / name) & set(GOOD))
+    lost_ids = ids_in(lost)
+    lost.unlink()
+    assert extract("--input", str(videos), "--output", str(output), "--retry-errors") == 0
+    redone = lost_ids | set(BROKEN)
+    printed = capsys.readouterr().out
+    assert f"{len(redone)} to extract, {6 - len(redone)} already done, 0 failed before" in printed
+    raw = Counter(raw_rows(output))
+    assert raw == Counter({(v, rows[v]["status"]): 1 if v in lost_ids or v in GOOD else 2 for v in rows})
+    assert read_feature_table(str(output)).num_rows == 6
+
+    # The same output with another frame count would mix incomparable features: refused.
+    assert extract("--input", str(videos), "--output", str(output), "--num-frames", "50") == 2
+    assert "holds features of" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_a_decoder_hang_is_an_error_row_and_nothing_succeeding_exits_1(
+    ray_cluster, sample_videos, tmp_path, capsys
+):
+    videos = copy_videos(sample_videos, ["counter_wide_ntsc"], tmp_path / "videos")
+    output = tmp_path / "features"
+
+    code = extract("--input", str(videos), "--output", str(output), "--decode-timeout", "0.001")
+
+    assert code == 1
+    row = read_feature_table(str(output)).to_pylist()[0]
+    assert (row["video_id"], row["status"]) == ("counter_wide_ntsc", STATUS_ERROR)
+    assert row["error"] == "decoding took longer than 0.001 s; stopped"
+    assert "failed counter_wide_ntsc: decoding took longer" in capsys.readouterr().out
+
+
+def test_duplicate_video_ids_are_refused_before_any_work(sample_videos, tmp_path, capsys):
+    for folder, name, suffix in (("a", "counter_short", ".mp4"), ("b", "vfr_offset", ".mkv")):
+        (tmp_path / folder).mkdir()
+        shutil.copy(sample_videos[name], tmp_path / folder / f"clip{suffix}")
+
+    assert extract("--input", str(tmp_path), "--output", str(tmp_path / "out")) == 2
+    assert "two videos share the id 'clip'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.integration
+def test_the_script_extracts_the_charades_clip_on_a_running_cluster(ray_cluster, shared_data, tmp_path):
+    """The ``ray job submit -- python pipelines/extract_features.py`` door: a script and a cluster address."""
+    listing = tmp_path / "videos.txt"
+    listing.write_text(f"{shared_data / 'videos' / 'charades_Y1HGC.mp4'}\n")
+    output = tmp_path / "features"
+    command = [sys.executable, "pipelines/extract_features.py", "--address", ray_cluster, "--encoders", "1"]
+
+    done = subprocess.run(
+        [*command, "--input", str(listing), "--output", str(output)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "1 ok, 0 failed" in done.stdout
+    row = load_features(str(output))["charades_Y1HGC"]
+    assert row.features.shape == (100, 768) and row.features.dtype == np.float16
+    assert row.num_frames == 460 and row.fps == pytest.approx(15, abs=0.1)
+    assert row.duration_s == pytest.approx(30.6, abs=0.1)
+    assert row.frame_times_s[0] == 0 and row.frame_times_s[-1] == pytest.approx(30.6, abs=0.15)
+
+
+@pytest.mark.integration
+def test_s3_to_s3_with_keys_only_in_the_driver(
+    ray_cluster, s3_server, sample_videos, shared_data, tmp_path, monkeypatch
+):
+    """The cluster's workers started without AWS variables: the driver's static keys must travel."""
+    uploads = {"charades_Y1HGC.mp4": shared_data / "videos" / "charades_Y1HGC.mp4"}
+    uploads |= {sample_videos[name].name: sample_videos[name] for name in ("counter_short", "not_video")}
+    for name, path in uploads.items():
+        s3_server.upload("videos", f"run1/{name}", path)
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+
+    code = extract("--input", "s3://videos/run1/", "--output", "s3://features/run1")
+
+    assert code == 0
+    table = read_feature_table("s3://features/run1", Storage())
+    statuses = dict(zip(*table.select(["video_id", "status"]).to_pydict().values(), strict=True))
+    assert statuses == {"charades_Y1HGC": STATUS_OK, "counter_short": STATUS_OK, "not_video": STATUS_ERROR}
+    charades = load_features("s3://features/run1")["charades_Y1HGC"]
+    assert charades.uri == "s3://videos/run1/charades_Y1HGC.mp4"
+    assert charades.features.shape == (100, 768) and charades.duration_s == pytest.approx(30.6, abs=0.1)
+    objects = s3_server.client().list_objects_v2(Bucket="features")["Contents"]
+    files = [item["Key"] for item in objects if not item["Key"].endswith("/")]  # pyarrow's folder markers
+    assert files and all(key.startswith("run1/part-") and key.endswith(".parquet") for key in files)
+
+
+@pytest.mark.integration
+def test_wrong_credentials_stop_the_job_with_a_clear_error(s3_server, tmp_path, monkeypatch, capsys):
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-000")
+
+    assert extract("--input", "s3://videos/run1/", "--output", str(tmp_path / "out")) == 2
+
+    err = capsys.readouterr().err
+    assert "refused the credentials" in err and "AWS_ACCESS_KEY_ID" in err
+    assert "wrong-secret-000" not in err and s3_server.secret_key not in err
+
+
+@pytest.mark.integration
+def test_the_job_waits_for_an_s3_endpoint_that_refuses_connections_at_first(
+    ray_cluster, sample_videos, tmp_path, monkeypatch
+):
+    late = prepare_seaweedfs(tmp_path / "late-s3", "AKIDLATESERVER", "late-secret-321")
+    for name, value in late.env().items():
+        monkeypatch.setenv(name, value)
+    videos = copy_videos(sample_videos, ["counter_short"], tmp_path / "videos")
+    starter = threading.Timer(3.0, start_seaweedfs, args=(late,), kwargs={"buckets": ("late",)})
+    starter.start()  # the job's first S3 request meets a closed port
+    try:
+        code = extract("--input", str(videos), "--output", "s3://late/features")
+        starter.join()
+        committed = read_feature_table("s3://late/features", Storage()).to_pylist()
+    finally:
+        starter.join()
+        late.stop()
+    assert code == 0
+    assert [(row["video_id"], row["status"]) for row in committed] == [("counter_short", STATUS_OK)]
+
+
+def test_a_two_cpu_machine_encodes_on_every_core_and_leaves_cpus_to_the_tasks():
+    plan = plan_extraction(ClusterResources(cpus=2, gpus=0))
+
+    assert (plan.encoders, plan.encoder_num_cpus, plan.encoder_threads) == (2, 0.5, 1)
+    assert plan.encoder_num_gpus == 0 and "num_gpus" not in plan.encode_args()
+    assert plan.encoders * plan.encoder_num_cpus + plan.decode_num_cpus + plan.write_num_cpus <= 2
+    assert plan.decode_args()["memory"] == DECODE_TASK_MEMORY
+    assert plan.encode_args()["compute"].min_size == plan.encode_args()["compute"].max_size == 2
+
+
+def test_gpu_clusters_get_one_encoder_per_gpu_share():
+    plan = plan_extraction(ClusterResources(cpus=16, gpus=4))
+    half = plan_extraction(ClusterResources(cpus=16, gpus=4), gpus_per_encoder=0.5)
+    forced_cpu = plan_extraction(ClusterResources(cpus=16, gpus=4), encoders=3, gpus_per_encoder=0)
+
+    assert (plan.encoders, plan.encode_args()["num_gpus"]) == (4, 1.0)
+    assert (plan.encoder_num_cpus, plan.decode_num_cpus, plan.encoder_threads) == (1.0, 1.0, None)
+    assert (half.encoders, half.encode_args()["num_gpus"]) == (8, 0.5)
+    assert (forced_cpu.encoders, forced_cpu.encoder_num_gpus) == (3, 0.0)
+    assert "num_gpus" not in forced_cpu.encode_args()
+
+
+def test_impossible_plans_are_refused_with_the_reason():
+    with pytest.raises(ValueError, match="exceed the cluster's 2 GPUs"):
+        plan_extraction(ClusterResources(cpus=8, gpus=2), encoders=3)
+    with pytest.raises(ValueError, match="the Ray cluster has none"):
+        plan_extraction(ClusterResources(cpus=8, gpus=0), gpus_per_encoder=1)
+
+
+@pytest.mark.integration
+def test_decoding_stays_a_task_pool_in_front_of_the_encoder_actors(ray_cluster, capsys):
+    """Ray fuses a task stage into an actor stage with equal resources; decoding must not run in actors."""
+    plan = plan_extraction(ClusterResources(cpus=2, gpus=0))  # actors and decode tasks: 0.5 CPU each
+    settings = DecodeSettings(num_frames=4, resize_short=128, crop_size=128)
+    decoded = extract_features.add_decoding(
+        extract_features.video_dataset({"a": "/v/a.mp4"}), Storage(), settings, plan
+    )
+    features = extract_features.add_encoding(decoded, resolve_encoder(None), settings, plan, batch_size=8)
+
+    features.explain()
+
+    physical = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
+    assert "ActorPoolMapOperator[MapBatches(EncodeStage)]" in physical
+    assert "TaskPoolMapOperator[MapBatches(decode_stage)]" in physical

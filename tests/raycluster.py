@@ -1,0 +1,60 @@
+"""One local Ray cluster for a whole test session, on 127.0.0.1, with its files in a temporary folder.
+
+Ray takes seconds to start (over ten on a busy 2-core machine), so every Ray test of a session shares
+one cluster: request the ``ray_cluster`` fixture (tests/pipelines/conftest.py) or call
+``start_local_ray`` from a session fixture of your own. Jobs run in the test process then find Ray
+initialised and use it; jobs run as subprocesses connect with ``--address``.
+
+Two settings must be in the environment before Ray is imported anywhere in the test process (Ray reads
+them at import), so importing this module sets them:
+
+- ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` keeps every Ray port on 127.0.0.1; without it Ray binds and
+  advertises the machine's external interface (measured here with ``ss -ltnp``).
+- ``RAY_AUTH_MODE=disabled``: Ray 2.60 turns token authentication on by default; tests turn it off
+  explicitly rather than depend on a token file in the home directory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ["RAY_AUTH_MODE"] = "disabled"
+
+import ray  # after the environment it reads at import
+
+
+def start_local_ray(temp_dir: Path, num_cpus: int = 2, object_store_bytes: int = 1 << 30) -> str:
+    """Start a local Ray in this process; returns the address subprocesses pass to ``ray.init``.
+
+    ``temp_dir`` holds Ray's sessions, sockets and logs (keep its path short: Unix socket paths are
+    limited to about 107 characters) and timerefine's cache (``TIMEREFINE_HOME``), so a test session
+    writes nothing to the home directory.
+    """
+    if ray.is_initialized():
+        raise RuntimeError("Ray is already initialised in this test process; share the ray_cluster fixture")
+    from ray._private import ray_constants
+
+    if ray_constants.ENABLE_RAY_CLUSTER:
+        raise RuntimeError(
+            "Ray was imported before tests/raycluster.py set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, so it "
+            "would bind the external interface: import raycluster (or set it) before anything imports ray"
+        )
+    os.environ["RAY_TMPDIR"] = str(temp_dir)  # for jobs started as subprocesses, too
+    os.environ["TIMEREFINE_HOME"] = str(temp_dir / "timerefine")
+    context = ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        object_store_memory=object_store_bytes,
+        _temp_dir=str(temp_dir / "ray"),
+    )
+    address = context.address_info["gcs_address"]
+    if not address.startswith("127.0.0.1:"):
+        ray.shutdown()
+        raise RuntimeError(f"local Ray listens on {address}, not on 127.0.0.1")
+    return address
+
+
+def stop_local_ray() -> None:
+    ray.shutdown()

@@ -1,0 +1,172 @@
+"""How Ray runs each stage of a job: strategies, pool sizes, CPUs and GPUs, retries. Decided here only.
+
+Feature extraction has three stages with different needs. Decoding is a CPU task a video. Encoding is
+an actor pool, because an encoder is slow to load and should load once per actor; on GPUs, one actor a
+GPU. Writing is a light task a batch of videos. The numbers below are chosen for two situations:
+
+- GPU clusters: one encoder per ``gpus_per_encoder`` GPUs, each with a CPU to feed it; every other
+  CPU decodes.
+- CPU-only machines (laptops, CI, 2-core boxes): encoding costs several times what decoding does, so
+  every core should encode (one single-threaded actor a core), while decode and write tasks must still
+  get scheduled. On 2 CPUs, an actor pool that takes every logical CPU starves the other stages and
+  hangs forever (DESIGN.md section 7): actors reserve half a logical CPU each, leaving the other half of
+  the logical CPUs to the tasks, and the operating system shares the physical cores among all of them.
+
+Ray Data fuses a task stage into the actor stage after it when their resources are equal: decoding
+would then run inside the encoder actors, one video after another, and the pipeline would be no faster
+than a sequential loop (measured: 1.03x). Decode tasks therefore also reserve memory
+(``DECODE_TASK_MEMORY``, a Ray worker plus its decoder process), which the encoder actors do not, so
+their resources never match.
+
+Ray Data retries a crashed task (and restarts a crashed actor) without limit, so a video that crashes
+its decoder every time would run a job forever (DESIGN.md section 7). Decoding therefore never crashes a
+Ray worker: it runs in a child process (``timerefine.features.IsolatedDecoder``) whose crash, hang or
+memory blow-up becomes an error row. What Ray still retries is the loss of a worker or a node, where
+retrying is right. (Bounding those retries would need ``ray_remote_args``, deprecated in Ray 2.60.)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ray.data import ActorPoolStrategy, TaskPoolStrategy
+
+# A decode task's Ray worker (pyarrow, no torch: 190 MB) and its decoder process (210 MB) hold about 400 MB
+# together while decoding a 480x270 clip to 224 px (measured); the rest is headroom for larger videos.
+DECODE_TASK_MEMORY = 512 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ClusterResources:
+    cpus: float
+    gpus: float
+
+    @classmethod
+    def of_running_cluster(cls) -> ClusterResources:
+        """The resources of the cluster this process is connected to (``ray.init`` first)."""
+        import ray
+
+        total = ray.cluster_resources()
+        return cls(cpus=float(total.get("CPU", 0)), gpus=float(total.get("GPU", 0)))
+
+
+@dataclass(frozen=True)
+class ExtractionCompute:
+    """Resources and strategies of the three extraction stages; pass ``*_args()`` to ``map_batches``."""
+
+    decode_num_cpus: float
+    encoders: int
+    encoder_num_cpus: float
+    encoder_num_gpus: float
+    encoder_threads: int | None  # torch intra-op threads of a CPU encoder; None: torch's default
+    write_num_cpus: float
+
+    def decode_args(self) -> dict:
+        return {"compute": TaskPoolStrategy(), "num_cpus": self.decode_num_cpus, "memory": DECODE_TASK_MEMORY}
+
+    def encode_args(self) -> dict:
+        args = {"compute": ActorPoolStrategy(size=self.encoders), "num_cpus": self.encoder_num_cpus}
+        if self.encoder_num_gpus:
+            args["num_gpus"] = self.encoder_num_gpus
+        return args
+
+    def write_args(self) -> dict:
+        return {"compute": TaskPoolStrategy(), "num_cpus": self.write_num_cpus}
+
+    def describe(self) -> str:
+        device = f"{self.encoder_num_gpus:g} GPU" if self.encoder_num_gpus else "CPU"
+        threads = f", {self.encoder_threads} thread(s)" if self.encoder_threads else ""
+        return (
+            f"{self.encoders} encoder actor(s) on {device} ({self.encoder_num_cpus:g} CPU each{threads}), "
+            f"decode tasks {self.decode_num_cpus:g} CPU, write tasks {self.write_num_cpus:g} CPU"
+        )
+
+
+def plan_extraction(
+    resources: ClusterResources, encoders: int | None = None, gpus_per_encoder: float | None = None
+) -> ExtractionCompute:
+    """Choose the extraction's compute for a cluster; ``gpus_per_encoder=0`` forces CPU encoders."""
+    if resources.cpus < 1:
+        raise ValueError(
+            f"feature extraction needs at least 1 CPU in the Ray cluster, found {resources.cpus:g}"
+        )
+    if encoders is not None and encoders < 1:
+        raise ValueError(f"--encoders must be at least 1, got {encoders}")
+    if gpus_per_encoder is not None and gpus_per_encoder < 0:
+        raise ValueError(f"--gpus-per-encoder must be >= 0, got {gpus_per_encoder}")
+
+    use_gpus = resources.gpus > 0 and gpus_per_encoder != 0
+    if gpus_per_encoder and not resources.gpus:
+        raise ValueError(f"--gpus-per-encoder {gpus_per_encoder:g} asks for GPUs; the Ray cluster has none")
+    if use_gpus:
+        per_encoder = gpus_per_encoder or 1.0
+        count = encoders or max(1, math.floor(resources.gpus / per_encoder))
+        if count * per_encoder > resources.gpus:
+            raise ValueError(
+                f"{count} encoders x {per_encoder:g} GPUs exceed the cluster's {resources.gpus:g} GPUs"
+            )
+        return ExtractionCompute(
+            decode_num_cpus=1.0,
+            encoders=count,
+            encoder_num_cpus=min(1.0, resources.cpus / (2 * count)),
+            encoder_num_gpus=per_encoder,
+            encoder_threads=None,
+            write_num_cpus=0.25,
+        )
+
+    count = encoders or max(1, math.floor(resources.cpus))
+    small = resources.cpus < 4
+    return ExtractionCompute(
+        decode_num_cpus=0.5 if small else 1.0,
+        encoders=count,
+        encoder_num_cpus=min(1.0, resources.cpus / (2 * count)),
+        encoder_num_gpus=0.0,
+        encoder_threads=1,
+        write_num_cpus=0.25,
+    )
+
+
+@dataclass(frozen=True)
+class InferenceCompute:
+    """Resources of the evaluation's predictor actors (each holds a model); pass ``predict_args()`` to
+    ``map_batches``."""
+
+    actors: int
+    num_cpus: float
+    num_gpus: float
+    threads: int | None  # torch intra-op threads of a CPU actor; None: torch's default
+
+    def predict_args(self) -> dict:
+        args = {"compute": ActorPoolStrategy(size=self.actors), "num_cpus": self.num_cpus}
+        if self.num_gpus:
+            args["num_gpus"] = self.num_gpus
+        return args
+
+    def describe(self) -> str:
+        device = f"{self.num_gpus:g} GPU" if self.num_gpus else "CPU"
+        threads = f", {self.threads} thread(s)" if self.threads else ""
+        return f"{self.actors} predictor actor(s) on {device} ({self.num_cpus:g} CPU each{threads})"
+
+
+def plan_inference(
+    resources: ClusterResources, actors: int | None = None, gpus_per_actor: float | None = None
+) -> InferenceCompute:
+    """Choose the predictors' compute: one a GPU on GPU clusters; on CPUs one single-threaded actor a core,
+    reserving half a logical CPU each, as the extraction's encoders do, so the other tasks still run."""
+    if actors is not None and actors < 1:
+        raise ValueError(f"--actors must be at least 1, got {actors}")
+    if gpus_per_actor is not None and gpus_per_actor < 0:
+        raise ValueError(f"--gpus-per-actor must be >= 0, got {gpus_per_actor}")
+    if gpus_per_actor and not resources.gpus:
+        raise ValueError(f"--gpus-per-actor {gpus_per_actor:g} asks for GPUs; the Ray cluster has none")
+    if resources.gpus > 0 and gpus_per_actor != 0:
+        per_actor = gpus_per_actor or 1.0
+        count = actors or max(1, math.floor(resources.gpus / per_actor))
+        if count * per_actor > resources.gpus:
+            raise ValueError(f"{count} actors x {per_actor:g} GPUs exceed the cluster's {resources.gpus:g}")
+        return InferenceCompute(count, min(1.0, resources.cpus / (2 * count)), per_actor, None)
+    if resources.cpus < 1:
+        raise ValueError(f"inference needs at least 1 CPU in the Ray cluster, found {resources.cpus:g}")
+    count = actors or max(1, math.floor(resources.cpus))
+    return InferenceCompute(count, min(1.0, resources.cpus / (2 * count)), 0.0, 1)

@@ -1,0 +1,289 @@
+"""The frozen CLIP image encoder and its preprocessing.
+
+Frames become features the way CLIP was trained to see them: the short side resized to the processor's
+``shortest_edge`` (PIL bicubic), a centre crop, then CLIP's mean and std. The work is split where the
+pipeline splits it: ``ClipPreprocessing.resize_and_crop`` runs in the decode tasks, on frames the decoder
+has already shrunk, so only crop-sized uint8 frames cross Ray's object store; ``normalize`` and the
+forward pass run in the encoder actors, in batches, fp16 on a GPU.
+
+Any CLIP vision tower with a projection loads through ``from_pretrained`` from a hub id or a local
+directory. Without a network, the default is a small CLIP vision model built from a config with a fixed
+seed, saved once with ``save_pretrained`` into a cache directory and then loaded back through the same
+``from_pretrained`` path as any other. Its random weights still run the real preprocessing and forward
+pass; its features are only as meaningful as random weights allow (DESIGN.md section 7).
+
+torch and transformers are imported where frames are encoded, not at module import: decode tasks import
+this module for the crop alone and should not pay seconds and hundreds of MB for torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
+
+DEFAULT_ENCODER = "timerefine/tiny-clip-random"
+
+# Native 128 px input with 16 px patches keeps the default fast on CPUs (113 frames/s on 2 cores, against
+# ~8.5 for a ViT-B/32-sized model); the 768-d projection keeps tables shaped like ViT-L/14's.
+_TINY_CLIP_CONFIG = {
+    "image_size": 128,
+    "patch_size": 16,
+    "hidden_size": 128,
+    "intermediate_size": 512,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "projection_dim": 768,
+}
+_TINY_CLIP_SEED = 0
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def timerefine_home() -> Path:
+    """Where timerefine caches what it builds: ``$TIMEREFINE_HOME`` or ``~/.cache/timerefine``."""
+    return Path(os.environ.get("TIMEREFINE_HOME") or Path.home() / ".cache" / "timerefine")
+
+
+@dataclass(frozen=True)
+class EncoderRef:
+    """Which encoder to load, pinned: a hub id, a local directory or ``DEFAULT_ENCODER``, plus a revision.
+
+    The revision is the hub commit for hub ids, a hash of the files for local directories, and a hash
+    of the config and seed for the default; ``identity`` is what every feature row records.
+    """
+
+    name: str
+    revision: str
+    path: str | None = None  # a local directory holding the files, when the driver has one
+
+    @property
+    def identity(self) -> str:
+        return f"{self.name}@{self.revision}"
+
+    def pretrained_source(self) -> tuple[str, str | None]:
+        """What ``from_pretrained`` takes: (local directory, None) or (hub id, pinned revision)."""
+        return (self.path, None) if self.path else (self.name, self.revision)
+
+
+def resolve_encoder(name_or_path: str | None = None) -> EncoderRef:
+    """Pin an encoder given by hub id or local directory (None: the built-in default)."""
+    if name_or_path in (None, "", DEFAULT_ENCODER):
+        return EncoderRef(DEFAULT_ENCODER, _tiny_clip_revision(), str(build_default_encoder()))
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return EncoderRef(str(path.absolute()), _directory_revision(path), str(path.absolute()))
+    if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise FileNotFoundError(
+            f"encoder {name_or_path!r} is neither a directory holding a saved CLIP model "
+            "(config.json, preprocessor_config.json, weights) nor a hub id like openai/clip-vit-large-patch14"
+        )
+    return EncoderRef(name_or_path, _hub_revision(name_or_path))
+
+
+def build_default_encoder(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Build the default encoder's directory once (idempotent, safe when several processes race).
+
+    Returns a directory that ``from_pretrained`` loads: the model's config and weights and a
+    CLIPImageProcessor config whose resize and crop match the model's input size.
+    """
+    cache_dir = Path(cache_dir) if cache_dir is not None else timerefine_home() / "encoders"
+    target = cache_dir / f"tiny-clip-random-{_tiny_clip_revision()}"
+    if (target / "config.json").is_file():
+        return target
+
+    import torch
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-clip-", dir=cache_dir))
+    try:
+        config = CLIPVisionConfig(**_TINY_CLIP_CONFIG)
+        with torch.random.fork_rng():
+            torch.manual_seed(_TINY_CLIP_SEED)
+            model = CLIPVisionModelWithProjection(config)
+        model.save_pretrained(staging)
+        size = config.image_size
+        processor = CLIPImageProcessor(
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+        )
+        processor.save_pretrained(staging)
+        try:
+            staging.rename(target)  # atomic: readers see a complete directory or none
+        except OSError:
+            if not (target / "config.json").is_file():  # not another process's win: a real failure
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+@dataclass(frozen=True)
+class ClipPreprocessing:
+    """CLIP's image preprocessing, as its image processor config describes it."""
+
+    resize_short: int
+    crop_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike, revision: str | None = None) -> ClipPreprocessing:
+        """Read ``preprocessor_config.json`` from a local directory or a hub id."""
+        from transformers.image_processing_base import ImageProcessingMixin
+
+        config, _ = ImageProcessingMixin.get_image_processor_dict(str(source), revision=revision)
+        # Older configs (openai/clip-vit-large-patch14's among them) store plain ints for both sizes.
+        size, crop = config.get("size"), config.get("crop_size")
+        resize_short = size if isinstance(size, int) else (size or {}).get("shortest_edge")
+        crop = {"height": crop, "width": crop} if isinstance(crop, int) else (crop or {})
+        resample = config.get("resample", 3)
+        if (
+            not resize_short
+            or crop.get("height") is None
+            or crop["height"] != crop.get("width")
+            or resample != 3
+        ):
+            raise ValueError(
+                f"{source}: preprocessor_config.json must describe CLIP's preprocessing (size.shortest_edge, "
+                f"a square crop_size, bicubic resample 3); got size={size}, crop_size={crop}, "
+                f"resample={resample}"
+            )
+        mean, std = tuple(config["image_mean"]), tuple(config["image_std"])
+        return cls(int(resize_short), int(crop["height"]), mean, std)
+
+    def resized_shape(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) after resizing the short side, truncating the long side as transformers does."""
+        if height <= width:
+            return self.resize_short, int(self.resize_short * width / height)
+        return int(self.resize_short * height / width), self.resize_short
+
+    def resize_and_crop(self, frames: np.ndarray) -> np.ndarray:
+        """(T, H, W, 3) uint8 -> (T, crop, crop, 3) uint8: PIL bicubic short-side resize, centre crop.
+
+        Frames whose short side already has the target length skip the resize: the decoder resized them,
+        and its rounding of the long side may differ from transformers' by a pixel, which the crop absorbs.
+        """
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+            raise ValueError(f"frames must be (T, H, W, 3) uint8, got {frames.dtype} {frames.shape}")
+        height, width = frames.shape[1:3]
+        if min(height, width) != self.resize_short:
+            height, width = self.resized_shape(height, width)
+            resized = [Image.fromarray(frame).resize((width, height), Image.BICUBIC) for frame in frames]
+            frames = np.stack([np.asarray(image) for image in resized])
+        if min(height, width) < self.crop_size:
+            raise ValueError(f"frames of {width}x{height} are smaller than the {self.crop_size} px crop")
+        top, left = (height - self.crop_size) // 2, (width - self.crop_size) // 2
+        return np.ascontiguousarray(frames[:, top : top + self.crop_size, left : left + self.crop_size])
+
+    def normalize(self, frames: np.ndarray) -> torch.Tensor:
+        """(N, S, S, 3) uint8 -> (N, 3, S, S) float32 in CLIP's normalised range."""
+        import torch
+
+        # torch.tensor copies: frames read from a buffer are read-only, which torch.from_numpy warns about.
+        pixels = torch.tensor(frames, dtype=torch.float32).permute(0, 3, 1, 2) / 255.0
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1)
+        return (pixels - mean) / std
+
+    def __call__(self, frames: np.ndarray) -> torch.Tensor:
+        """Full preprocessing of frames of any size, as CLIPImageProcessor does it, batched."""
+        return self.normalize(self.resize_and_crop(frames))
+
+
+class ClipImageEncoder:
+    """A CLIP vision tower with its projection, loaded once, encoding batches of frames into ``image_embeds``.
+
+    On a GPU the model runs in fp16; on a CPU in fp32 with ``threads`` intra-op threads (Ray actors
+    sharing a small machine each take one). Features come back as float16, the feature table's type.
+    """
+
+    def __init__(
+        self,
+        encoder: EncoderRef | str | None = None,
+        *,
+        device: str | None = None,
+        threads: int | None = None,
+    ) -> None:
+        import torch
+        from transformers import CLIPVisionModelWithProjection
+
+        ref = encoder if isinstance(encoder, EncoderRef) else resolve_encoder(encoder)
+        source, revision = ref.pretrained_source()
+        if ref.name == DEFAULT_ENCODER and not Path(source).is_dir():
+            source = str(build_default_encoder())  # a node without the driver's cache builds the same model
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.ref = ref
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.preprocessing = ClipPreprocessing.from_pretrained(source, revision=revision)
+        model = CLIPVisionModelWithProjection.from_pretrained(source, revision=revision or "main")
+        self.model = model.to(self.device, self.dtype).eval()
+        self.dim = int(self.model.config.projection_dim)
+
+    @property
+    def identity(self) -> str:
+        return self.ref.identity
+
+    def encode(self, frames: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """(N, S, S, 3) uint8 frames, already resized and cropped -> (N, dim) float16 ``image_embeds``."""
+        import torch
+
+        size = self.preprocessing.crop_size
+        if frames.ndim != 4 or frames.shape[1:] != (size, size, 3) or frames.dtype != np.uint8:
+            raise ValueError(
+                f"encode takes (N, {size}, {size}, 3) uint8 frames, got {frames.dtype} {frames.shape}"
+            )
+        features = np.empty((len(frames), self.dim), dtype=np.float16)
+        with torch.inference_mode():
+            for start in range(0, len(frames), batch_size):
+                pixels = self.preprocessing.normalize(frames[start : start + batch_size])
+                pixels = pixels.to(self.device, self.dtype, non_blocking=True)
+                embeds = self.model(pixel_values=pixels).image_embeds
+                features[start : start + len(pixels)] = embeds.to(torch.float16).cpu().numpy()
+        return features
+
+
+def _tiny_clip_revision() -> str:
+    recipe = json.dumps({"config": _TINY_CLIP_CONFIG, "seed": _TINY_CLIP_SEED}, sort_keys=True)
+    return hashlib.sha256(recipe.encode()).hexdigest()[:12]
+
+
+def _directory_revision(path: Path) -> str:
+    """A content hash of a saved model's configs and weights: two runs share it only with the same model."""
+    files = sorted(
+        file
+        for file in path.iterdir()
+        if file.is_file() and (file.name.endswith(_WEIGHT_SUFFIXES) or file.name.endswith("config.json"))
+    )
+    if not any(file.name.endswith(_WEIGHT_SUFFIXES) for file in files):
+        raise FileNotFoundError(
+            f"{path}: no model weights (*.safetensors or *.bin); save one with save_pretrained"
+        )
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode())
+        with file.open("rb") as stream:
+            while chunk := stream.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()[:12]
+
+
+def _hub_revision(model_id: str) -> str:
+    """The commit a hub id resolves to now (from the local cache when offline), pinned for every worker."""
+    from huggingface_hub import hf_hub_download
+
+    config_path = Path(hf_hub_download(model_id, "config.json"))
+    return config_path.parent.name  # the cache stores files under snapshots/<commit>/
