@@ -36,11 +36,16 @@ from ray.data import ActorPoolStrategy, TaskPoolStrategy
 # together while decoding a 480x270 clip to 224 px (measured); the rest is headroom for larger videos.
 DECODE_TASK_MEMORY = 512 * 1024 * 1024
 
+# Nodes carrying this label (cluster.yaml's CPU-only decode nodes) take every decode task, so that the CPUs
+# of GPU nodes stay free to feed their encoders. Clusters without such nodes decode wherever CPUs are free.
+DECODE_NODE_LABEL = {"timerefine.io/role": "decode"}
+
 
 @dataclass(frozen=True)
 class ClusterResources:
     cpus: float
     gpus: float
+    decode_nodes: bool = False  # some alive node carries DECODE_NODE_LABEL
 
     @classmethod
     def of_running_cluster(cls) -> ClusterResources:
@@ -48,7 +53,12 @@ class ClusterResources:
         import ray
 
         total = ray.cluster_resources()
-        return cls(cpus=float(total.get("CPU", 0)), gpus=float(total.get("GPU", 0)))
+        decode_nodes = any(
+            node.get("Alive") and DECODE_NODE_LABEL.items() <= node.get("Labels", {}).items()
+            for node in ray.nodes()
+        )
+        cpus, gpus = float(total.get("CPU", 0)), float(total.get("GPU", 0))
+        return cls(cpus=cpus, gpus=gpus, decode_nodes=decode_nodes)
 
 
 @dataclass(frozen=True)
@@ -61,9 +71,13 @@ class ExtractionCompute:
     encoder_num_gpus: float
     encoder_threads: int | None  # torch intra-op threads of a CPU encoder; None: torch's default
     write_num_cpus: float
+    decode_label_selector: dict[str, str] | None = None
 
     def decode_args(self) -> dict:
-        return {"compute": TaskPoolStrategy(), "num_cpus": self.decode_num_cpus, "memory": DECODE_TASK_MEMORY}
+        args = {"compute": TaskPoolStrategy(), "num_cpus": self.decode_num_cpus, "memory": DECODE_TASK_MEMORY}
+        if self.decode_label_selector:
+            args["label_selector"] = dict(self.decode_label_selector)
+        return args
 
     def encode_args(self) -> dict:
         args = {"compute": ActorPoolStrategy(size=self.encoders), "num_cpus": self.encoder_num_cpus}
@@ -79,7 +93,9 @@ class ExtractionCompute:
         threads = f", {self.encoder_threads} thread(s)" if self.encoder_threads else ""
         return (
             f"{self.encoders} encoder actor(s) on {device} ({self.encoder_num_cpus:g} CPU each{threads}), "
-            f"decode tasks {self.decode_num_cpus:g} CPU, write tasks {self.write_num_cpus:g} CPU"
+            f"decode tasks {self.decode_num_cpus:g} CPU"
+            + (" on decode nodes" if self.decode_label_selector else "")
+            + f", write tasks {self.write_num_cpus:g} CPU"
         )
 
 
@@ -113,6 +129,7 @@ def plan_extraction(
             encoder_num_gpus=per_encoder,
             encoder_threads=None,
             write_num_cpus=0.25,
+            decode_label_selector=DECODE_NODE_LABEL if resources.decode_nodes else None,
         )
 
     count = encoders or max(1, math.floor(resources.cpus))
@@ -124,6 +141,7 @@ def plan_extraction(
         encoder_num_gpus=0.0,
         encoder_threads=1,
         write_num_cpus=0.25,
+        decode_label_selector=DECODE_NODE_LABEL if resources.decode_nodes else None,
     )
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.dataset as pads
 import pytest
+import yaml
 from s3server import prepare_seaweedfs, start_seaweedfs
 
 from pipelines import extract_features
@@ -255,6 +256,17 @@ def test_gpu_clusters_get_one_encoder_per_gpu_share():
     assert (half.encoders, half.encode_args()["num_gpus"]) == (8, 0.5)
     assert (forced_cpu.encoders, forced_cpu.encoder_num_gpus) == (3, 0.0)
     assert "num_gpus" not in forced_cpu.encode_args()
+
+
+def test_decode_tasks_go_to_labelled_decode_nodes_only_when_the_cluster_has_them():
+    with_decoders = plan_extraction(ClusterResources(cpus=64, gpus=4, decode_nodes=True))
+    without = plan_extraction(ClusterResources(cpus=64, gpus=4))
+    assert with_decoders.decode_args()["label_selector"] == {"timerefine.io/role": "decode"}
+    assert "label_selector" not in without.decode_args()
+    assert "label_selector" not in with_decoders.encode_args()  # encoders stay on the GPU nodes
+    cluster = yaml.safe_load((Path(__file__).resolve().parents[2] / "cluster.yaml").read_text())
+    labels = [t.get("labels", {}) for t in cluster["available_node_types"].values()]
+    assert {"timerefine.io/role": "decode"} in labels  # the label cluster.yaml gives its CPU decode nodes
 
 
 def test_impossible_plans_are_refused_with_the_reason():
