@@ -41,14 +41,20 @@ def test_dashboard_and_job_server_are_not_public(config):
     head = " ".join(config["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head
     assert "RAY_AUTH_MODE=token" in head
-    assert all("RAY_AUTH_MODE=token" in cmd for cmd in config["worker_start_ray_commands"] if "ray start" in cmd)
+    assert all(
+        "RAY_AUTH_MODE=token" in cmd for cmd in config["worker_start_ray_commands"] if "ray start" in cmd
+    )
 
 
 def test_node_types_cover_decode_and_gpus(config):
     types = config["available_node_types"]
     decode = [t for t in types.values() if t.get("labels", {}).get("timerefine.io/role") == "decode"]
     assert decode and all("gpu" not in t["node_config"]["InstanceType"] for t in decode)
-    gpu_types = {t["node_config"]["InstanceType"].split(".")[0] for n, t in types.items() if n.startswith("gpu")}
+    gpu_types = {
+        t["node_config"]["InstanceType"].split(".")[0] for n, t in types.items() if n.startswith("gpu")
+    }
     assert {"g5", "p4d"} <= gpu_types
     assert all("IamInstanceProfile" in t["node_config"] for t in types.values())
-    assert all(0 <= t.get("min_workers", 0) <= t.get("max_workers", 0) for n, t in types.items() if n != "head")
+    assert all(
+        0 <= t.get("min_workers", 0) <= t.get("max_workers", 0) for n, t in types.items() if n != "head"
+    )

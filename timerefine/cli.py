@@ -21,12 +21,6 @@ RAY_JOBS: dict[str, tuple[str, str]] = {
         "pipelines.extract_features",
         "extract CLIP features from videos (local or s3://) with Ray Data",
     ),
-    "train": ("pipelines.train", "fine-tune a grounding model with Ray Train"),
-    "evaluate": ("pipelines.evaluate", "batch inference + metrics with Ray Data"),
-    "predict": ("pipelines.predict", "ground one query in one video"),
-    "sweep": ("tune.sweep", "sweep refinement schedule x L1 weight with Ray Tune"),
-    "report": ("tune.report", "write report.md + plot for a sweep's results"),
-    "demo": ("pipelines.demo", "synthetic videos -> features -> training -> evaluation, on a local Ray"),
 }
 
 
