@@ -21,6 +21,12 @@ RAY_JOBS: dict[str, tuple[str, str]] = {
         "pipelines.extract_features",
         "extract CLIP features from videos (local or s3://) with Ray Data",
     ),
+    "train": ("pipelines.train", "fine-tune a grounding model with Ray Train (DDP)"),
+    "evaluate": ("pipelines.evaluate", "score a checkpoint on annotations with Ray Data batch inference"),
+    "predict": ("pipelines.predict", "ground one query in one video (local path or s3://)"),
+    "sweep": ("tune.sweep", "sweep refinement schedule x L1 weight with Ray Tune (ASHA)"),
+    "report": ("tune.report", "write report.md and a plot for a finished sweep"),
+    "demo": ("pipelines.demo", "the whole pipeline on synthetic videos, on a local Ray cluster"),
 }
 
 

@@ -1,0 +1,156 @@
+"""Ray Train's overhead: samples/s of the training job's loop against a plain PyTorch loop, side by side.
+
+Both loops train the same model (the built-in LLM, full fine-tuning, same seed) on the same data, with the
+same global batch, micro-batch, epochs and torch threads (one: what a Ray worker holding 1 CPU gets), and
+both time the same thing: each epoch's optimisation steps, batching included, validation and checkpoints
+excluded. The Ray Train number is the ``samples_per_s`` the job itself reports from
+``--workers`` workers on a local Ray; the plain loop runs ``timerefine.training``'s pieces in this process.
+Epoch 1 (allocator and kernel warm-up) is left out of both means.
+
+    python bench/train.py                      # a synthetic feature table written to a temporary folder
+    python bench/train.py --features F --train T --epochs 3
+
+Target: the Ray Train loop within 15% of the plain loop at 1 worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+
+from pipelines import train
+from timerefine.data.annotations import Query, write_jsonl
+from timerefine.data.storage import Storage
+from timerefine.encoders import resolve_encoder
+from timerefine.features import STATUS_OK, feature_rows_to_table, write_feature_part
+from timerefine.model import TimeRefineModel
+from timerefine.training import (
+    BatchPlan,
+    StepTotals,
+    TrainConfig,
+    answer_token_budget,
+    learning_rate,
+    load_training_data,
+    make_optimizer,
+    optimisation_step,
+    training_samples,
+    training_target,
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--features", help="feature table (default: write a synthetic one)")
+    parser.add_argument("--train", help="training annotations (with --features)")
+    parser.add_argument("--videos", type=int, default=24, help="synthetic videos (4 queries each)")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--global-batch-size", type=int, default=16)
+    parser.add_argument("--micro-batch-size", type=int, default=8)
+    parser.add_argument("--refine-steps", type=int, default=4)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1], help="Ray Train worker counts to run")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        folder = Path(tmp)
+        features, annotations = (args.features, args.train)
+        if features is None:
+            features, annotations = write_synthetic(folder, args.videos)
+        config = TrainConfig(
+            features=str(Path(features).resolve()),
+            train=str(Path(annotations).resolve()),
+            schedule=str(args.refine_steps),
+            epochs=args.epochs,
+            global_batch_size=args.global_batch_size,
+            micro_batch_size=args.micro_batch_size,
+        )
+        queries = len(load_training_data(config).train)
+        print(f"{queries} queries, {args.epochs} epochs, K = {config.schedule}")
+        rows = {"plain PyTorch loop (1 process, 1 thread)": plain_loop(config)}
+        for workers in args.workers:
+            rows[f"Ray Train, {workers} worker(s) x 1 CPU"] = ray_train_loop(config, workers, folder)
+
+    reference = statistics.mean(rows["plain PyTorch loop (1 process, 1 thread)"][1:] or [0])
+    print(f"\n{'loop':<42} {'samples/s by epoch':<28} {'mean (ep>=2)':>12} {'vs plain':>9}")
+    for name, rates in rows.items():
+        mean = statistics.mean(rates[1:] or rates)
+        by_epoch = " ".join(f"{r:.1f}" for r in rates)
+        print(f"{name:<42} {by_epoch:<28} {mean:>12.2f} {mean / reference:>8.1%}")
+
+
+def write_synthetic(folder: Path, videos: int) -> tuple[str, str]:
+    """Random 768-d features (the default encoder's shape) and 4 queries a video with random windows."""
+    rng = np.random.default_rng(0)
+    encoder = resolve_encoder(None).identity
+    rows, features, queries = [], {}, []
+    for v in range(videos):
+        video_id = f"v{v:04d}"
+        features[video_id] = rng.standard_normal((100, 768)).astype(np.float16)
+        rows.append({"video_id": video_id, "duration_s": 30.0, "num_frames": 300, "status": STATUS_OK})
+        for q in range(4):
+            start = float(rng.uniform(0, 20))
+            window = (start, start + float(rng.uniform(2, 10)))
+            queries.append(
+                Query(f"{video_id}_{q}", video_id, 30.0, f"the object number {q} moves", (window,))
+            )
+    table = feature_rows_to_table(rows, features, num_frames=100, dim=768, encoder=encoder)
+    write_feature_part(table, str(folder / "features"), Storage())
+    write_jsonl(queries, folder / "train.jsonl")
+    return str(folder / "features"), str(folder / "train.jsonl")
+
+
+def plain_loop(config: TrainConfig) -> list[float]:
+    """The job's epoch loop without Ray: the same pieces, in the same order, in this process."""
+    torch.set_num_threads(1)
+    data = load_training_data(config)
+    schedule = config.parsed_schedule()
+    torch.manual_seed(config.seed)
+    model = TimeRefineModel.from_config(config.model_config(data.feature_dim, data.encoder, 256))
+    targets = [training_target(q, schedule, config.seed, 0) for q in data.train]
+    model.config.max_new_tokens = answer_token_budget(model, targets)
+    model.set_feature_stats(*data.feature_stats())
+    optimizer = make_optimizer(model, config)
+    plan = BatchPlan.create(config.global_batch_size, 1, config.micro_batch_size)
+    total_steps = config.epochs * plan.steps_per_epoch(len(data.train))
+    step, rates = 0, []
+    model.train()
+    for epoch in range(config.epochs):
+        samples = training_samples(data.train, data.features, schedule, config.seed, epoch)
+        totals, started = StepTotals(), time.perf_counter()
+        for global_batch in plan.global_batches(len(samples), config.seed, epoch):
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, total_steps, config)
+            micro_batches = [
+                model.make_batch([samples[i] for i in m]) for m in plan.micro_batches(global_batch, 0)
+            ]
+            totals += optimisation_step(model, optimizer, micro_batches, plan, config.grad_clip)
+            step += 1
+        rates.append(totals.samples / (time.perf_counter() - started))
+    return rates
+
+
+def ray_train_loop(config: TrainConfig, workers: int, folder: Path) -> list[float]:
+    """The training job itself (``pipelines.train.fit``) on a local Ray; its own per-epoch samples/s."""
+    import ray
+
+    ray.init(num_cpus=max(2, workers), include_dashboard=False, ignore_reinit_error=True)
+    try:
+        settings = train.RunSettings(output=str(folder / "runs"), name=f"bench-{workers}", workers=workers)
+        summary = train.fit(config, settings, Storage())
+    finally:
+        ray.shutdown()
+    print(json.dumps({"workers": workers, "epochs": [round(m["loss"], 4) for m in summary.epochs]}))
+    return [m["samples_per_s"] for m in summary.epochs]
+
+
+if __name__ == "__main__":
+    main()

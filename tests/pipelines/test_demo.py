@@ -1,0 +1,116 @@
+"""The one-command demo at a tiny size, run as a newcomer runs it (``timerefine demo`` in a new process that
+starts and stops its own Ray): every stage, the printed table, the files it writes, the last line."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from timerefine.baselines import fit_prior, score_prior
+from timerefine.data.annotations import read_annotations
+from timerefine.features import STATUS_OK, read_feature_table
+from timerefine.metrics import METRIC_KEYS, read_predictions, score
+
+VIDEOS = 24
+
+
+def table_row(output: str, name: str) -> list[str]:
+    """The values printed after a row's name in a format_table table: n, R1@0.3, R1@0.5, R1@0.7, mIoU."""
+    lines = [line for line in output.splitlines() if line.startswith(name + "  ")]
+    assert len(lines) == 1, f"no single row {name!r} in:\n{output}"
+    return lines[0][len(name) :].split()
+
+
+def printed(metrics: dict) -> list[str]:
+    return [str(metrics["n"]), *(f"{metrics[key]:.2f}" for key in METRIC_KEYS)]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, subprocess.CompletedProcess]]:
+    workdir = tmp_path_factory.mktemp("demo")
+    # Ray's session folder holds Unix sockets (at most 107 characters a path, the dashboard's included):
+    # pytest's folders are too deep for them.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="demo-ray-", dir="/tmp"))
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "TIMEREFINE_HOME": str(workdir / "home")}
+    argv = ["timerefine.cli", "demo", "--workdir", str(workdir), "--videos", str(VIDEOS), "--epochs", "1"]
+    try:
+        finished = subprocess.run(
+            [sys.executable, "-m", *argv], env=env, capture_output=True, text=True, timeout=900
+        )
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    yield workdir, finished
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_demo_prints_every_stage_and_ends_saying_where_everything_is(demo):
+    workdir, finished = demo
+    stages = [line for line in finished.stdout.splitlines() if line.startswith("[demo] ") and "/7 " in line]
+    assert [line.split("/7 ")[1] for line in stages] == [
+        "synthesise the benchmark", "extract features", "fit the query-blind priors",
+        "train direct (K=1)", "evaluate direct (K=1)",
+        "train TimeRefine (K=4, L1 1)", "evaluate TimeRefine (K=4, L1 1)",
+    ]  # fmt: skip
+    assert "[extract] 24/24 videos (24 ok, 0 failed)" in finished.stdout
+    assert "[train] epoch 1 " in finished.stdout  # the training job's own progress reaches the console
+    last = finished.stdout.strip().splitlines()[-1]
+    assert last.startswith("[demo] done") and last.endswith(f"are in {workdir}")
+    noise = [
+        line
+        for line in (finished.stdout + finished.stderr).splitlines()
+        if "Warning" in line or "Traceback" in line
+    ]
+    assert noise == []
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_table_holds_the_priors_and_both_models_as_scored_from_the_files(demo):
+    workdir, finished = demo
+    train, _ = read_annotations(workdir / "benchmark" / "train.jsonl")
+    test, _ = read_annotations(workdir / "benchmark" / "test.jsonl")
+    fixed = fit_prior("fixed", train)
+    fixed_name = f"prior: fixed [{fixed.window[0]:.2f}, {fixed.window[1]:.2f}]"
+    assert table_row(finished.stdout, fixed_name) == printed(score_prior(fixed, test))
+    assert table_row(finished.stdout, "prior: random") == printed(
+        score_prior(fit_prior("random", train), test)
+    )
+    for name, label in (("direct", "direct (K=1)"), ("timerefine", "TimeRefine (K=4, L1 1)")):
+        predictions = read_predictions(workdir / "eval" / name / "predictions.jsonl")
+        rescored = score(predictions, test)
+        assert json.loads((workdir / "eval" / name / "metrics.json").read_text()) == rescored
+        assert table_row(finished.stdout, label) == printed(rescored)
+        assert len(predictions) == len(test)
+    # The demo's own table of TimeRefine's modes comes after the ones the evaluation jobs print.
+    refined_table = finished.stdout.split("TimeRefine: each answer mode")[1]
+    refined = json.loads((workdir / "eval" / "timerefine" / "metrics.json").read_text())
+    assert table_row(refined_table, "answer: text") == printed(refined["modes"]["text"])
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_demo_writes_the_benchmark_features_runs_and_report(demo):
+    workdir, _ = demo
+    assert len(list((workdir / "benchmark" / "videos").glob("*.mp4"))) == VIDEOS
+    statuses = read_feature_table(str(workdir / "features"), columns=["status"]).column("status").to_pylist()
+    assert statuses == [STATUS_OK] * VIDEOS
+    for name in ("direct", "timerefine"):
+        summary = json.loads((workdir / "runs" / name / "training_summary.json").read_text())
+        assert [epoch["epoch"] for epoch in summary["epochs"]] == [1]
+        assert Path(summary["final_checkpoint"]).is_dir()
+    report = (workdir / "report.md").read_text()
+    assert "direct (K=1)" in report and "TimeRefine (K=4, L1 1)" in report and "](report.png)" in report
+    with Image.open(workdir / "report.png") as image:
+        assert image.format == "PNG" and image.width >= 1000 and image.height >= 400
+    assert json.loads((workdir / "demo.json").read_text())["videos"] == VIDEOS

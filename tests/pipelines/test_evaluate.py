@@ -1,0 +1,41 @@
+"""Batch inference on Ray Data: predictions.jsonl and metrics.json, scored as metrics.score scores them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipelines import evaluate
+from timerefine.data.annotations import read_annotations
+from timerefine.metrics import read_predictions, score
+
+
+@pytest.mark.integration
+def test_evaluate_writes_predictions_and_the_metrics_of_that_file(
+    tiny_benchmark, trained_run, ray_cluster, tmp_path, capsys
+):
+    out = tmp_path / "eval"
+    args = [
+        "--checkpoint", trained_run.summary["final_checkpoint"], "--features", str(tiny_benchmark.features),
+        "--annotations", str(tiny_benchmark.annotations), "--output", str(out), "--batch-size", "3",
+    ]  # fmt: skip
+    assert evaluate.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "skipped 1" in printed and "answer: fused" in printed and "after step 2" in printed
+
+    records = [json.loads(line) for line in (out / evaluate.PREDICTIONS_FILE).read_text().splitlines()]
+    queries, _ = read_annotations(tiny_benchmark.annotations)
+    with_features = [q for q in queries if q.video_id != "broken"]
+    assert [r["qid"] for r in records] == [q.qid for q in with_features]  # annotation order, no failed video
+    for record, query in zip(records, with_features, strict=True):
+        assert record["windows"] == [list(w) for w in query.windows] and record["duration"] == query.duration
+        assert set(record) >= {"text", "parsed", "steps", "pred", "pred_head", "pred_fused"}
+
+    metrics = json.loads((out / evaluate.METRICS_FILE).read_text())
+    assert metrics == score(read_predictions(out / evaluate.PREDICTIONS_FILE), queries)
+    assert metrics["n"] == len(queries) and metrics["missing"] == 1  # the query without features: a miss
+    assert set(metrics["modes"]) == {"text", "head", "fused"} and set(metrics["steps"]) == {"1", "2"}
+    # The model memorised these queries in training: evaluation must see what validation saw.
+    best_val = max(m["val_mIoU"] for m in trained_run.summary["epochs"])
+    assert metrics["modes"]["text"]["mIoU"] == pytest.approx(best_val * 8 / 9, abs=0.05)

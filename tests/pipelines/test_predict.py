@@ -1,0 +1,98 @@
+"""One video, one query, no Ray: the real Charades clip through decoding, the encoder and the model.
+
+The model is trained (in Ray Train's local mode) on the clip's own features, extracted by the extraction
+job's stages, and on its two real Charades-STA queries. It memorises their moments, so ``predict`` gives
+them back only if it makes the clip's features exactly as the extraction did.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import pyarrow as pa
+import pytest
+import torch
+
+from pipelines import predict, train
+from timerefine.data.annotations import Query, write_jsonl
+from timerefine.data.storage import Storage
+from timerefine.encoders import ClipImageEncoder, resolve_encoder
+from timerefine.features import (
+    DECODED_SCHEMA,
+    DecodeSettings,
+    IsolatedDecoder,
+    decode_video,
+    encode_videos,
+    write_feature_part,
+)
+from timerefine.metrics import temporal_iou
+from timerefine.model import ModelConfig, TimeRefineModel, save_checkpoint
+from timerefine.timecodec import parse_answer
+
+CLIP = "charades_Y1HGC"
+QUERIES = {  # from charades_sta_test.txt
+    "a person walks in a doorway drinking some coffee.": (0.2, 9.8),
+    "person drinking a glass of water.": (1.7, 12.1),
+}
+
+
+@pytest.fixture(scope="module")
+def clip_checkpoint(shared_data, tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("clip")
+    video = str(shared_data / "videos" / f"{CLIP}.mp4")
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as a 1-CPU Ray worker; two threads crawl on a shared 2-core machine
+    try:
+        encoder = ClipImageEncoder(None, threads=1)
+        decoder = IsolatedDecoder(DecodeSettings.for_encoder(encoder.preprocessing))
+        decoded = decode_video(CLIP, video, Storage(), decoder)
+        decoder.close()
+        table = encode_videos(encoder, pa.Table.from_pylist([decoded], schema=DECODED_SCHEMA), 100, 256)
+        write_feature_part(table, str(folder / "features"), Storage())
+        duration = decoded["duration_s"]
+        queries = [Query(f"{CLIP}_{i}", CLIP, duration, q, (w,)) for i, (q, w) in enumerate(QUERIES.items())]
+        write_jsonl(queries, folder / "clip.jsonl")
+        args = [
+            "--features", str(folder / "features"), "--train", str(folder / "clip.jsonl"),
+            "--output", str(folder / "runs"), "--workers", "0", "--epochs", "40",
+            "--global-batch-size", "2", "--refine-steps", "2", "--lr", "3e-3",
+        ]  # fmt: skip
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert train.main(args) == 0
+    finally:
+        torch.set_num_threads(previous_threads)
+    return json.loads((folder / "runs" / "timerefine" / train.SUMMARY_FILE).read_text())["final_checkpoint"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("query", QUERIES)
+def test_predict_finds_the_memorised_moment_in_the_real_clip(clip_checkpoint, shared_data, query, capsys):
+    video = shared_data / "videos" / f"{CLIP}.mp4"
+    args = ["--checkpoint", clip_checkpoint, "--video", str(video), "--query", query]
+    code = predict.main([*args, "--json"])
+    record = json.loads(capsys.readouterr().out)
+    assert code == 0, record["text"]
+    assert record["video_id"] == CLIP and record["qid"] == CLIP and record["query"] == query
+    assert record["duration"] == pytest.approx(30.65, abs=0.1) and record["windows"] == []
+    start, end = record["pred"]
+    assert 0 <= start < end <= record["duration"]
+    assert temporal_iou(record["pred"], QUERIES[query]) > 0.7
+    assert record["parsed"] and len(parse_answer(record["text"]).steps) == 2
+    assert record["steps"][-1] == pytest.approx([start, end])
+    for mode in ("pred_head", "pred_fused"):
+        assert 0 <= record[mode][0] <= record[mode][1] <= record["duration"]
+
+    assert predict.main(args) == 0
+    text = capsys.readouterr().out
+    assert f"moment: {start:.2f} s to {end:.2f} s" in text
+    assert "after step 1:" in text and "after step 2:" in text
+
+
+def test_predict_refuses_a_missing_video(tmp_path, capsys):
+    untrained = TimeRefineModel.from_config(ModelConfig(encoder=resolve_encoder(None).identity))
+    checkpoint = save_checkpoint(untrained, tmp_path / "checkpoint")
+    args = ["--checkpoint", str(checkpoint), "--video", str(tmp_path / "none.mp4"), "--query", "anything"]
+    assert predict.main(args) == 2
+    assert "none.mp4" in capsys.readouterr().err

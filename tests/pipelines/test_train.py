@@ -1,0 +1,121 @@
+"""The training job: local mode learns and reports; 1 and 2 workers optimise alike; kill and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipelines import train
+from timerefine.data.storage import Storage
+from timerefine.model import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_local_mode_learns_reports_and_checkpoints_every_epoch(tiny_benchmark, trained_run):
+    count = tiny_benchmark.queries
+    assert f"train: {count} of {count + 1} queries have features; skipped 1" in trained_run.stdout
+    summary = trained_run.summary
+    epochs = summary["epochs"]
+    assert [m["epoch"] for m in epochs] == list(range(1, trained_run.epochs + 1))
+    assert summary["this_attempt"] == [m["epoch"] for m in epochs]
+    for key in ("loss", "ce", "l1", "val_R1@0.3", "val_R1@0.5", "val_R1@0.7", "val_mIoU", "samples_per_s"):
+        assert all(isinstance(m[key], float) for m in epochs), key
+    assert epochs[-1]["loss"] < 0.1 * epochs[0]["loss"]
+    assert epochs[0]["val_mIoU"] == 0 and max(m["val_mIoU"] for m in epochs) > 30  # it learns its answers
+    run_dir = trained_run.output / "timerefine"
+    for epoch in range(1, trained_run.epochs + 1):
+        assert (run_dir / f"checkpoint_epoch_{epoch:03d}" / "trainer_state.json").is_file()
+    best = max(epochs, key=lambda m: (m["val_mIoU"], m["epoch"]))
+    assert summary["selection"] == "best val_mIoU"
+    assert summary["final_checkpoint"] == str(run_dir / f"checkpoint_epoch_{best['epoch']:03d}")
+    model = load_checkpoint(summary["final_checkpoint"])
+    assert model.config.encoder == tiny_benchmark.encoder and model.config.feature_dim == 768
+    assert model.config.l1_weight == 1.0
+    assert not torch.allclose(model.adapter.feature_std, torch.ones(768))  # standardised on train features
+
+
+def test_bad_inputs_exit_2_with_a_clear_message(tiny_benchmark, tmp_path, capsys):
+    missing = tiny_benchmark.train_args(tmp_path, "--workers", "0")
+    missing[missing.index("--features") + 1] = str(tmp_path / "nowhere")
+    assert train.main(missing) == 2
+    assert "nowhere: no feature table here" in capsys.readouterr().err
+    mismatch = tiny_benchmark.train_args(tmp_path, "--refine-steps", "3", "--sigma", "2", "0")
+    assert train.main(mismatch) == 2
+    assert "--refine-steps 3 but --sigma gives 2 values" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_two_gloo_workers_optimise_like_one(tiny_benchmark, tmp_path, ray_cluster, single_threaded_torch):
+    common = ("--epochs", "2", "--max-val-queries", "0")
+    assert train.main(tiny_benchmark.train_args(tmp_path / "one", "--workers", "0", *common)) == 0
+    assert train.main(tiny_benchmark.train_args(tmp_path / "two", "--workers", "2", *common)) == 0
+    one = json.loads((tmp_path / "one" / "timerefine" / train.SUMMARY_FILE).read_text())["epochs"]
+    two = json.loads((tmp_path / "two" / "timerefine" / train.SUMMARY_FILE).read_text())["epochs"]
+    assert [m["epoch"] for m in two] == [1, 2] and [m["step"] for m in two] == [2, 4]
+    for a, b in zip(one, two, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+        assert b["l1"] == pytest.approx(a["l1"], rel=1e-4)
+    assert two[1]["loss"] < two[0]["loss"]  # it did train
+
+
+@pytest.mark.integration
+def test_killed_run_resumes_from_its_s3_checkpoints(tiny_benchmark, ray_cluster, s3_server, tmp_path):
+    """Kill a run (SIGKILL to its process group) once Ray Train has registered a checkpoint in S3; the
+    rerun must continue after it. Keys reach the job through the environment, as on a cluster."""
+    from ray.train import Result
+
+    output = "s3://features/runs"
+    argv = [
+        sys.executable, str(REPO / "pipelines" / "train.py"), "--address", ray_cluster,
+        *tiny_benchmark.train_args(Path("unused"), "--epochs", "3", "--max-val-queries", "2"),
+    ]  # fmt: skip
+    argv[argv.index("--output") + 1] = output
+    env = {**os.environ, **s3_server.env(), "PYTHONUNBUFFERED": "1"}
+    storage = Storage(endpoint_url=s3_server.endpoint_url)
+    with pytest.MonkeyPatch.context() as patch:  # for this process's reads only, after the workers started
+        for key, value in s3_server.env().items():
+            patch.setenv(key, value)
+        filesystem, run_path = storage.resolve(f"{output}/timerefine")
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(argv, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    while not _registered_epochs(Result, run_path, filesystem):
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "no epoch-1 checkpoint within 240 s"
+        time.sleep(0.5)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    done = _registered_epochs(Result, run_path, filesystem)
+    assert done and max(done) < 3
+
+    second = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"resuming {output}/timerefine after epoch {max(done)}" in second.stdout
+    body = s3_server.client().get_object(Bucket="features", Key=f"runs/timerefine/{train.SUMMARY_FILE}")[
+        "Body"
+    ]
+    summary = json.loads(body.read())
+    assert summary["this_attempt"] == list(range(max(done) + 1, 4))
+    assert [m["epoch"] for m in summary["epochs"]] == [1, 2, 3]
+    assert summary["final_checkpoint"].startswith(f"{output}/timerefine/checkpoint_epoch_00")
+    assert _registered_epochs(Result, run_path, filesystem) == [1, 2, 3]
+
+
+def _registered_epochs(result_class, run_path: str, filesystem) -> list[int]:
+    """Epochs whose checkpoint Ray Train has registered, read through Ray's own ``Result.from_path``;
+    empty while there is none, or while its snapshot file is being written."""
+    try:
+        result = result_class.from_path(run_path, storage_filesystem=filesystem)
+    except (RuntimeError, ValueError, OSError):
+        return []
+    return sorted(metrics["epoch"] for _, metrics in result.best_checkpoints or [])
