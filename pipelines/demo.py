@@ -43,8 +43,6 @@ QUIET_ENV = {
     "RAY_TRAIN_ENABLE_CONTROLLER_STRUCTURED_LOGGING": "0",
     "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0",
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-    # torch warns once per process that features read from Arrow are read-only (they are only read)
-    "PYTHONWARNINGS": "ignore:The given NumPy array is not writable:UserWarning",
 }
 
 
@@ -136,9 +134,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    from timerefine.cli import run_job
+
+    return run_job(sys.modules[__name__], argv)
 
 
 # ---------------------------------------------------------------------------------------------------------

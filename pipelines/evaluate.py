@@ -29,6 +29,7 @@ if __package__ in (None, ""):  # run as a script (ray job submit): make the repo
 
 import pyarrow as pa
 
+from timerefine.cli import run_job
 from timerefine.compute import ClusterResources, InferenceCompute, plan_inference
 from timerefine.data.annotations import Query, read_annotations
 from timerefine.data.storage import Storage, StorageError
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         storage = Storage(endpoint_url=args.endpoint_url)
         features = storage.canonical(args.features)
-        queries, read = read_annotations(args.annotations, durations=args.durations)
+        queries, read = read_annotations(args.annotations, durations=args.durations, storage=storage)
         print(f"[evaluate] {read.describe()}", flush=True)
         table = read_feature_table(features, storage, columns=["video_id", "status"])
         statuses = zip(table.column("video_id").to_pylist(), table.column("status").to_pylist(), strict=True)
@@ -120,10 +121,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return run(parser.parse_args(argv))
+    return run_job(sys.modules[__name__], argv)
 
 
 def metric_rows(metrics: dict[str, Any]) -> dict[str, dict[str, Any]]:

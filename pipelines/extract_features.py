@@ -30,6 +30,7 @@ import pyarrow as pa
 import ray
 from ray.data import Dataset
 
+from timerefine.cli import run_job
 from timerefine.compute import ClusterResources, ExtractionCompute, plan_extraction
 from timerefine.data.storage import Storage, StorageError, video_id_from_uri
 from timerefine.encoders import ClipImageEncoder, ClipPreprocessing, EncoderRef, resolve_encoder
@@ -165,10 +166,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return run(parser.parse_args(argv))
+    return run_job(sys.modules[__name__], argv)
 
 
 # ---------------------------------------------------------------------------------------------------

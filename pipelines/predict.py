@@ -26,6 +26,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import numpy as np
 
+from timerefine.cli import run_job
 from timerefine.data.storage import Storage, StorageError, video_id_from_uri
 from timerefine.encoders import DEFAULT_ENCODER, EncoderRef, resolve_encoder
 
@@ -72,9 +73,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return run_job(sys.modules[__name__], argv)
 
 
 def encoder_for(recorded: str | None, override: str | None) -> EncoderRef:

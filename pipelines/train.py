@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 if __package__ in (None, ""):  # run as a script (ray job submit): make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from timerefine.cli import run_job
 from timerefine.data.storage import Storage, StorageError, is_s3_uri, join_uri
 from timerefine.timecodec import PRESETS
 from timerefine.training import TrainConfig
@@ -107,9 +108,9 @@ def config_from_args(args: argparse.Namespace, storage: Storage) -> TrainConfig:
     """The run's configuration with every path absolute: Ray Train workers run in their own directory."""
     return TrainConfig(
         features=storage.canonical(args.features),
-        train=str(Path(args.train).resolve()),
-        val=str(Path(args.val).resolve()) if args.val else None,
-        durations=str(Path(args.durations).resolve()) if args.durations else None,
+        train=storage.canonical(args.train),
+        val=storage.canonical(args.val) if args.val else None,
+        durations=storage.canonical(args.durations) if args.durations else None,
         max_val_queries=args.max_val_queries,
         llm=args.llm,
         lora_r=args.lora_r,
@@ -189,10 +190,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return run(parser.parse_args(argv))
+    return run_job(sys.modules[__name__], argv)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -424,7 +422,7 @@ def _print_joins(config: TrainConfig, storage: Storage) -> None:
     print(f"[train] {config.features}: {len(ok)} of {table.num_rows} videos have features", flush=True)
     for split, path in (("train", config.train), ("val", config.val)):
         if path:
-            queries, read = read_annotations(path, durations=config.durations)
+            queries, read = read_annotations(path, durations=config.durations, storage=storage)
             print(f"[train] {read.describe()}", flush=True)
             print(f"[train] {join_queries(queries, ok, split)[1].describe()}", flush=True)
 

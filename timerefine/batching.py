@@ -163,7 +163,11 @@ def _encode(
 
 
 def _stack_features(samples: Sequence[Sample], num_frames: int) -> torch.Tensor:
-    tensors = [torch.as_tensor(sample.features) for sample in samples]
+    # np.array copies: feature rows read from Arrow are read-only views, which torch refuses to wrap.
+    tensors = [
+        f.float() if isinstance(f, torch.Tensor) else torch.from_numpy(np.array(f, np.float32))
+        for f in (sample.features for sample in samples)
+    ]
     for index, (sample, tensor) in enumerate(zip(samples, tensors, strict=True)):
         if tensor.ndim != 2 or tensor.shape[0] != num_frames or tensor.shape[1] != tensors[0].shape[1]:
             raise ValueError(

@@ -11,9 +11,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 
 # subcommand -> (module, one-line help). The module provides add_arguments(parser) and run(args).
 RAY_JOBS: dict[str, tuple[str, str]] = {
@@ -166,16 +168,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     # Ray jobs own their arguments: parse the subcommand name first, then hand the rest to the job module.
     if argv and argv[0] in RAY_JOBS:
-        module = importlib.import_module(RAY_JOBS[argv[0]][0])
-        job_parser = argparse.ArgumentParser(prog=f"timerefine {argv[0]}", description=RAY_JOBS[argv[0]][1])
-        module.add_arguments(job_parser)
-        return int(module.run(job_parser.parse_args(argv[1:])) or 0)
+        module_name, description = RAY_JOBS[argv[0]]
+        module = importlib.import_module(module_name)
+        return run_job(module, argv[1:], prog=f"timerefine {argv[0]}", description=description)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as err:  # bad input: one clear line, no traceback
         print(f"timerefine {args.command}: error: {err}", file=sys.stderr)
         return 2
+
+
+def run_job(
+    module: ModuleType,
+    argv: Sequence[str] | None = None,
+    prog: str | None = None,
+    description: str | None = None,
+) -> int:
+    """Parse a job module's arguments and run it: the one way both doors (``timerefine <job>`` and
+    ``python pipelines/<job>.py``) start a job, so they log and exit alike.
+
+    Our own loggers speak at INFO; other libraries only from WARNING (Ray configures its own loggers).
+    """
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description or (module.__doc__ or "").split("\n")[0]
+    )
+    module.add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("timerefine").setLevel(logging.INFO)
+    return int(module.run(args) or 0)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,12 @@ its decoder every time would run a job forever (DESIGN.md section 7). Decoding t
 Ray worker: it runs in a child process (``timerefine.features.IsolatedDecoder``) whose crash, hang or
 memory blow-up becomes an error row. What Ray still retries is the loss of a worker or a node, where
 retrying is right. (Bounding those retries would need ``ray_remote_args``, deprecated in Ray 2.60.)
+
+An autoscaling cluster (cluster.yaml) starts with no workers and a head that advertises no CPUs, so there
+is nothing to size a pool from. Given both the pool size and the GPUs per actor, the plan is exactly that
+whatever is up now: Ray Data then starts the actors, their pending resource requests make the autoscaler
+add nodes, and the job waits for them (``describe`` says so). Without both, the plan is sized from what is
+up, and a cluster with nothing up is an error that says what to pass.
 """
 
 from __future__ import annotations
@@ -43,13 +49,15 @@ DECODE_NODE_LABEL = {"timerefine.io/role": "decode"}
 
 @dataclass(frozen=True)
 class ClusterResources:
+    """What the cluster has up now; an autoscaling cluster adds nodes only once work asks for them."""
+
     cpus: float
     gpus: float
     decode_nodes: bool = False  # some alive node carries DECODE_NODE_LABEL
 
     @classmethod
     def of_running_cluster(cls) -> ClusterResources:
-        """The resources of the cluster this process is connected to (``ray.init`` first)."""
+        """The resources of the cluster this process is connected to (``ray.init`` first), as up now."""
         import ray
 
         total = ray.cluster_resources()
@@ -59,6 +67,66 @@ class ClusterResources:
         )
         cpus, gpus = float(total.get("CPU", 0)), float(total.get("GPU", 0))
         return cls(cpus=cpus, gpus=gpus, decode_nodes=decode_nodes)
+
+
+@dataclass(frozen=True)
+class _ActorPool:
+    size: int
+    gpus_each: float
+    cpus_each: float
+    shortfall: str | None  # what an explicit request needs beyond what is up now; None: it fits
+
+
+def _plan_actor_pool(
+    resources: ClusterResources,
+    size: int | None,
+    gpus_each: float | None,
+    *,
+    job: str,
+    actors: str,
+    size_flag: str,
+    gpus_flag: str,
+) -> _ActorPool:
+    """Size an actor pool: as asked when both ``size`` and ``gpus_each`` are given, else from what is up."""
+    if size is not None and size < 1:
+        raise ValueError(f"{size_flag} must be at least 1, got {size}")
+    if gpus_each is not None and gpus_each < 0:
+        raise ValueError(f"{gpus_flag} must be >= 0, got {gpus_each}")
+
+    if size is not None and gpus_each is not None:
+        if resources.cpus >= 1 and size * gpus_each <= resources.gpus:
+            return _ActorPool(size, gpus_each, min(1.0, resources.cpus / (2 * size)), None)
+        # Sized for the nodes to come rather than for those up now: a CPU each, which every node type has.
+        need = f"{size:g} CPU" + (f" and {size * gpus_each:g} GPU" if gpus_each else "")
+        up = f"{resources.cpus:g} CPU and {resources.gpus:g} GPU are up now"
+        return _ActorPool(size, gpus_each, 1.0, f"the {actors} need {need}; {up}")
+
+    explicit = f"{size_flag} N {gpus_flag} G to size the pool yourself and wait for the autoscaler"
+    if resources.cpus < 1:
+        raise ValueError(
+            f"{job} needs at least 1 CPU in the Ray cluster, found {resources.cpus:g}: start worker nodes "
+            f"(raise min_workers in cluster.yaml), or pass {explicit}"
+        )
+    if gpus_each and not resources.gpus:
+        raise ValueError(
+            f"{gpus_flag} {gpus_each:g} asks for GPUs; the Ray cluster has none: start GPU workers, "
+            f"or add {size_flag} N to wait for the autoscaler"
+        )
+    if resources.gpus > 0 and gpus_each != 0:
+        per_actor = gpus_each or 1.0
+        count = size or max(1, math.floor(resources.gpus / per_actor))
+        if count * per_actor > resources.gpus:
+            raise ValueError(
+                f"{count} {actors} x {per_actor:g} GPUs exceed the cluster's {resources.gpus:g} GPUs; "
+                f"pass {size_flag} {count} {gpus_flag} {per_actor:g} to wait for the autoscaler to add more"
+            )
+        return _ActorPool(count, per_actor, min(1.0, resources.cpus / (2 * count)), None)
+    count = size or max(1, math.floor(resources.cpus))
+    return _ActorPool(count, 0.0, min(1.0, resources.cpus / (2 * count)), None)
+
+
+def _waiting(shortfall: str | None) -> str:
+    return f"; the job waits for the autoscaler to add nodes ({shortfall})" if shortfall else ""
 
 
 @dataclass(frozen=True)
@@ -72,6 +140,7 @@ class ExtractionCompute:
     encoder_threads: int | None  # torch intra-op threads of a CPU encoder; None: torch's default
     write_num_cpus: float
     decode_label_selector: dict[str, str] | None = None
+    shortfall: str | None = None  # what the encoders need beyond what is up now; None: they fit
 
     def decode_args(self) -> dict:
         args = {"compute": TaskPoolStrategy(), "num_cpus": self.decode_num_cpus, "memory": DECODE_TASK_MEMORY}
@@ -96,52 +165,38 @@ class ExtractionCompute:
             f"decode tasks {self.decode_num_cpus:g} CPU"
             + (" on decode nodes" if self.decode_label_selector else "")
             + f", write tasks {self.write_num_cpus:g} CPU"
+            + _waiting(self.shortfall)
         )
 
 
 def plan_extraction(
     resources: ClusterResources, encoders: int | None = None, gpus_per_encoder: float | None = None
 ) -> ExtractionCompute:
-    """Choose the extraction's compute for a cluster; ``gpus_per_encoder=0`` forces CPU encoders."""
-    if resources.cpus < 1:
-        raise ValueError(
-            f"feature extraction needs at least 1 CPU in the Ray cluster, found {resources.cpus:g}"
-        )
-    if encoders is not None and encoders < 1:
-        raise ValueError(f"--encoders must be at least 1, got {encoders}")
-    if gpus_per_encoder is not None and gpus_per_encoder < 0:
-        raise ValueError(f"--gpus-per-encoder must be >= 0, got {gpus_per_encoder}")
+    """Choose the extraction's compute for a cluster; ``gpus_per_encoder=0`` forces CPU encoders.
 
-    use_gpus = resources.gpus > 0 and gpus_per_encoder != 0
-    if gpus_per_encoder and not resources.gpus:
-        raise ValueError(f"--gpus-per-encoder {gpus_per_encoder:g} asks for GPUs; the Ray cluster has none")
-    if use_gpus:
-        per_encoder = gpus_per_encoder or 1.0
-        count = encoders or max(1, math.floor(resources.gpus / per_encoder))
-        if count * per_encoder > resources.gpus:
-            raise ValueError(
-                f"{count} encoders x {per_encoder:g} GPUs exceed the cluster's {resources.gpus:g} GPUs"
-            )
-        return ExtractionCompute(
-            decode_num_cpus=1.0,
-            encoders=count,
-            encoder_num_cpus=min(1.0, resources.cpus / (2 * count)),
-            encoder_num_gpus=per_encoder,
-            encoder_threads=None,
-            write_num_cpus=0.25,
-            decode_label_selector=DECODE_NODE_LABEL if resources.decode_nodes else None,
-        )
-
-    count = encoders or max(1, math.floor(resources.cpus))
-    small = resources.cpus < 4
+    Given both ``encoders`` and ``gpus_per_encoder``, the plan is exactly that even where the cluster has
+    less up now (see the module docstring)."""
+    pool = _plan_actor_pool(
+        resources,
+        encoders,
+        gpus_per_encoder,
+        job="feature extraction",
+        actors="encoders",
+        size_flag="--encoders",
+        gpus_flag="--gpus-per-encoder",
+    )
+    on_cpus = not pool.gpus_each
+    # Halve the decode tasks' share only on a small machine that is up, not for the nodes to come.
+    small = on_cpus and pool.shortfall is None and resources.cpus < 4
     return ExtractionCompute(
         decode_num_cpus=0.5 if small else 1.0,
-        encoders=count,
-        encoder_num_cpus=min(1.0, resources.cpus / (2 * count)),
-        encoder_num_gpus=0.0,
-        encoder_threads=1,
+        encoders=pool.size,
+        encoder_num_cpus=pool.cpus_each,
+        encoder_num_gpus=pool.gpus_each,
+        encoder_threads=1 if on_cpus else None,
         write_num_cpus=0.25,
         decode_label_selector=DECODE_NODE_LABEL if resources.decode_nodes else None,
+        shortfall=pool.shortfall,
     )
 
 
@@ -154,6 +209,7 @@ class InferenceCompute:
     num_cpus: float
     num_gpus: float
     threads: int | None  # torch intra-op threads of a CPU actor; None: torch's default
+    shortfall: str | None = None  # what the actors need beyond what is up now; None: they fit
 
     def predict_args(self) -> dict:
         args = {"compute": ActorPoolStrategy(size=self.actors), "num_cpus": self.num_cpus}
@@ -164,27 +220,28 @@ class InferenceCompute:
     def describe(self) -> str:
         device = f"{self.num_gpus:g} GPU" if self.num_gpus else "CPU"
         threads = f", {self.threads} thread(s)" if self.threads else ""
-        return f"{self.actors} predictor actor(s) on {device} ({self.num_cpus:g} CPU each{threads})"
+        return (
+            f"{self.actors} predictor actor(s) on {device} ({self.num_cpus:g} CPU each{threads})"
+            + _waiting(self.shortfall)
+        )
 
 
 def plan_inference(
     resources: ClusterResources, actors: int | None = None, gpus_per_actor: float | None = None
 ) -> InferenceCompute:
     """Choose the predictors' compute: one a GPU on GPU clusters; on CPUs one single-threaded actor a core,
-    reserving half a logical CPU each, as the extraction's encoders do, so the other tasks still run."""
-    if actors is not None and actors < 1:
-        raise ValueError(f"--actors must be at least 1, got {actors}")
-    if gpus_per_actor is not None and gpus_per_actor < 0:
-        raise ValueError(f"--gpus-per-actor must be >= 0, got {gpus_per_actor}")
-    if gpus_per_actor and not resources.gpus:
-        raise ValueError(f"--gpus-per-actor {gpus_per_actor:g} asks for GPUs; the Ray cluster has none")
-    if resources.gpus > 0 and gpus_per_actor != 0:
-        per_actor = gpus_per_actor or 1.0
-        count = actors or max(1, math.floor(resources.gpus / per_actor))
-        if count * per_actor > resources.gpus:
-            raise ValueError(f"{count} actors x {per_actor:g} GPUs exceed the cluster's {resources.gpus:g}")
-        return InferenceCompute(count, min(1.0, resources.cpus / (2 * count)), per_actor, None)
-    if resources.cpus < 1:
-        raise ValueError(f"inference needs at least 1 CPU in the Ray cluster, found {resources.cpus:g}")
-    count = actors or max(1, math.floor(resources.cpus))
-    return InferenceCompute(count, min(1.0, resources.cpus / (2 * count)), 0.0, 1)
+    reserving half a logical CPU each, as the extraction's encoders do, so the other tasks still run.
+
+    Given both ``actors`` and ``gpus_per_actor``, the plan is exactly that even where the cluster has less
+    up now (see the module docstring)."""
+    pool = _plan_actor_pool(
+        resources,
+        actors,
+        gpus_per_actor,
+        job="inference",
+        actors="actors",
+        size_flag="--actors",
+        gpus_flag="--gpus-per-actor",
+    )
+    threads = None if pool.gpus_each else 1
+    return InferenceCompute(pool.size, pool.cpus_each, pool.gpus_each, threads, pool.shortfall)

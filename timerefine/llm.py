@@ -47,7 +47,7 @@ from timerefine.timecodec import PROMPT_TEMPLATE, SPECIAL_TOKENS
 DEFAULT_LLM = "tiny-llama"
 
 # Bump when the tiny model's construction changes, so that old cache entries are not reused.
-_TINY_BUILD_VERSION = 1
+_TINY_BUILD_VERSION = 2
 _PAD, _BOS, _EOS = "<pad>", "<s>", "</s>"
 
 
@@ -115,7 +115,7 @@ def _tiny_corpus() -> list[str]:
             sentence = f"the {colour} {shape} {action}"
             lines.append(PROMPT_TEMPLATE.format(sentence=sentence))
             lines.append(f"USER: {PROMPT_TEMPLATE.format(sentence=sentence)}\nASSISTANT:")
-    # Every bin and every signed offset, in the spelling of the answers, so that each becomes one token.
+    # Every bin and every signed offset, in the spelling of the answers.
     for b in range(100):
         lines.append(f"From {b:02d} to {(b * 37 + 11) % 100:02d} and +{b:02d} and -{b:02d} {b} +{b} -{b}")
     return lines
@@ -124,7 +124,12 @@ def _tiny_corpus() -> list[str]:
 def build_tiny_tokenizer(spec: TinyLlmSpec = TinyLlmSpec()) -> PreTrainedTokenizerFast:
     """A byte-level BPE trained on the built-in corpus, with pad / bos / eos and TimeRefine's tokens."""
     bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Digits one by one, as Llama's and Qwen2's tokenizers split them: a bin is two tokens of ten
+    # choices each, and the model learns tens and units from every answer instead of one token per bin
+    # from the few answers that name it.
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=spec.max_vocab_size,

@@ -86,8 +86,10 @@ def fit_feature_stats(features: Iterable[np.ndarray | torch.Tensor]) -> tuple[to
     total = total_sq = None
     count = 0
     for item in features:
-        values = torch.as_tensor(item)
-        frames = values.reshape(-1, values.shape[-1]).double()
+        # np.array copies: feature rows read from Arrow are read-only views, which torch refuses to wrap.
+        is_tensor = isinstance(item, torch.Tensor)
+        values = item.double() if is_tensor else torch.from_numpy(np.array(item, np.float64))
+        frames = values.reshape(-1, values.shape[-1])
         total = frames.sum(0) if total is None else total + frames.sum(0)
         total_sq = frames.square().sum(0) if total_sq is None else total_sq + frames.square().sum(0)
         count += frames.shape[0]

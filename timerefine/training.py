@@ -167,7 +167,8 @@ def load_training_data(config: TrainConfig, storage: Storage | None = None) -> T
     if not features:
         raise ValueError(f"{config.features}: the feature table has no video with status ok")
     video_ids = features.keys()
-    train, train_join = join_queries(_read_queries(config.train, config.durations), video_ids, "train")
+    train_queries = _read_queries(config.train, config.durations, storage)
+    train, train_join = join_queries(train_queries, video_ids, "train")
     if not train:
         raise ValueError(
             f"no query of {config.train} has a video in {config.features}: annotation video ids must be the "
@@ -176,14 +177,14 @@ def load_training_data(config: TrainConfig, storage: Storage | None = None) -> T
     joins = [train_join]
     val: list[Query] = []
     if config.val:
-        val, val_join = join_queries(_read_queries(config.val, config.durations), video_ids, "val")
+        val, val_join = join_queries(_read_queries(config.val, config.durations, storage), video_ids, "val")
         val = val[: config.max_val_queries]
         joins.append(val_join)
     return TrainingData(features, train, val, joins)
 
 
-def _read_queries(path: str, durations: str | None) -> list[Query]:
-    return read_annotations(path, durations=durations)[0]
+def _read_queries(path: str, durations: str | None, storage: Storage | None) -> list[Query]:
+    return read_annotations(path, durations=durations, storage=storage)[0]
 
 
 def join_queries(

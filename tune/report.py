@@ -22,7 +22,6 @@ import io
 import json
 import math
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ import pyarrow.fs as pafs
 import yaml
 from matplotlib.ticker import MaxNLocator
 
+from timerefine.cli import run_job
 from timerefine.data.storage import Storage, StorageError, join_uri
 from timerefine.metrics import format_table
 
@@ -429,10 +429,8 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+def main(argv: list[str] | None = None) -> int:
+    return run_job(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ import pyarrow.fs as pafs
 import yaml
 
 from pipelines.train import SELECTION_METRIC, RunSettings, build_trainer
+from timerefine.cli import run_job
 from timerefine.data.storage import Storage, StorageError, is_s3_uri, join_uri
 from timerefine.timecodec import Schedule
 from timerefine.training import TrainConfig
@@ -385,12 +386,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    # Tune prints its own progress; INFO from every library (tensorboardX renaming each metric...) is noise.
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("timerefine").setLevel(logging.INFO)
-    return run(parser.parse_args(argv))
+    return run_job(sys.modules[__name__], argv)
 
 
 def check_data(data: DataSpec, storage: Storage) -> None:
@@ -400,8 +396,9 @@ def check_data(data: DataSpec, storage: Storage) -> None:
     if not part_uris(data.features, storage):
         raise FileNotFoundError(f"{data.features}: no feature table here (run `timerefine extract` first)")
     for split in ("train", "val"):
-        if not Path(getattr(data, split)).is_file():
-            raise FileNotFoundError(f"{getattr(data, split)}: no such annotation file (data.{split})")
+        uri = getattr(data, split)
+        if storage.file_type(uri) != pafs.FileType.File:
+            raise FileNotFoundError(f"{uri}: no such annotation file (data.{split})")
 
 
 def claim_sweep_folder(config: SweepConfig, experiment_uri: str, storage: Storage) -> None:

@@ -18,6 +18,10 @@ Every reader turns its file into :class:`Query` objects, the rows of our JSONL c
 
 A malformed file (broken JSON, a missing field, a value that is not a number, a duplicate qid)
 raises :class:`AnnotationError`, whose message names the file, the 1-based line and what to fix.
+
+Every file (annotations and durations) may be a local path or an ``s3://`` URI, read through a
+:class:`~timerefine.data.storage.Storage`: on a Ray cluster the uploaded working directory leaves out
+git-ignored data folders, so annotations live in S3 beside the features.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from timerefine.data.storage import Storage, is_s3_uri
 
 FORMATS = ("charades-sta", "activitynet", "qvhighlights", "jsonl")
 
@@ -152,16 +158,16 @@ class ReadSummary:
         return "; ".join(parts)
 
 
-def detect_format(path: str | Path) -> str:
+def detect_format(path: str | Path, storage: Storage | None = None) -> str:
     """The format of an annotation file, one of :data:`FORMATS`, judged from its content."""
     source = str(path)
-    return _detect(_read_text(source), source)
+    return _detect(_read_text(source, storage), source)
 
 
-def read_durations(path: str | Path) -> dict[str, float]:
+def read_durations(path: str | Path, storage: Storage | None = None) -> dict[str, float]:
     """Video durations in seconds from a Charades metadata CSV (columns ``id`` and ``length``)."""
     source = str(path)
-    reader = csv.reader(io.StringIO(_read_text(source), newline=""))
+    reader = csv.reader(io.StringIO(_read_text(source, storage), newline=""))
     header = next(reader, None)
     if header is None:
         raise AnnotationError(source, 1, "file is empty; expected a CSV with columns id and length")
@@ -202,19 +208,21 @@ def read_annotations(
     path: str | Path,
     format: str | None = None,
     durations: Mapping[str, float] | str | Path | None = None,
+    storage: Storage | None = None,
 ) -> tuple[list[Query], ReadSummary]:
     """Read an annotation file into Queries, applying the module's rules; ``format`` None detects it.
 
     ``durations`` (a mapping or a Charades metadata CSV) supplies the duration of rows that carry none.
+    ``storage`` reads ``s3://`` URIs (default: one configured from the environment's AWS variables).
     """
     source = str(path)
-    text = _read_text(source)
+    text = _read_text(source, storage)
     if format is None:
         format = _detect(text, source)
     elif format not in FORMATS:
         raise ValueError(f"unknown annotation format {format!r}; expected one of {', '.join(FORMATS)}")
     if isinstance(durations, (str, Path)):
-        durations = read_durations(durations)
+        durations = read_durations(durations, storage)
     parse = {
         "charades-sta": _parse_charades,
         "activitynet": _parse_activitynet,
@@ -481,8 +489,10 @@ def _detect(text: str, source: str) -> str:
     )
 
 
-def _read_text(source: str) -> str:
-    data = Path(source).read_bytes()
+def _read_text(source: str, storage: Storage | None) -> str:
+    # Local files are read directly, so that a missing one stays a FileNotFoundError as before; an S3
+    # object that cannot be read raises a StorageError that names its URI.
+    data = (storage or Storage()).read_bytes(source) if is_s3_uri(source) else Path(source).read_bytes()
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
