@@ -43,6 +43,11 @@ QUIET_ENV = {
     "RAY_TRAIN_ENABLE_CONTROLLER_STRUCTURED_LOGGING": "0",
     "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0",
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    # Ray Data's per-dataset INFO lines (plan, start, finish) and its note that progress bars are off:
+    # the jobs print their own progress
+    "RAY_DATA_LOG_LEVEL": "ERROR",
+    # Ray core's C++ log lines (e.g. a notice per restartable actor type); failures still raise in Python
+    "RAY_BACKEND_LOG_LEVEL": "fatal",
 }
 
 
