@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # run as a script (ray job submit): make the repo
 import pyarrow as pa
 
 from timerefine.cli import run_job
-from timerefine.compute import ClusterResources, InferenceCompute, plan_inference
+from timerefine.compute import ClusterResources, InferenceCompute, plan_inference, ray_connection
 from timerefine.data.annotations import Query, read_annotations
 from timerefine.data.storage import Storage, StorageError
 
@@ -92,22 +92,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"[evaluate] error: {error}", file=sys.stderr)
         return EXIT_UNUSABLE
 
-    import ray
-
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(address=args.address)
     try:
-        compute = plan_inference(ClusterResources.of_running_cluster(), args.actors, args.gpus_per_actor)
-        print(f"[evaluate] {compute.describe()}", flush=True)
-        records = predict(joined, args.checkpoint, features, storage, compute, args.batch_size)
+        with ray_connection(args.address):
+            compute = plan_inference(ClusterResources.of_running_cluster(), args.actors, args.gpus_per_actor)
+            print(f"[evaluate] {compute.describe()}", flush=True)
+            records = predict(joined, args.checkpoint, features, storage, compute, args.batch_size)
     except Exception as error:
         logger.exception("evaluation failed")
         print(f"[evaluate] error: the pipeline failed ({error})", file=sys.stderr)
         return EXIT_UNUSABLE
-    finally:
-        if started_ray:
-            ray.shutdown()
 
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)

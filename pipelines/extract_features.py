@@ -31,7 +31,7 @@ import ray
 from ray.data import Dataset
 
 from timerefine.cli import run_job
-from timerefine.compute import ClusterResources, ExtractionCompute, plan_extraction
+from timerefine.compute import ClusterResources, ExtractionCompute, plan_extraction, ray_connection
 from timerefine.data.storage import Storage, StorageError, video_id_from_uri
 from timerefine.encoders import ClipImageEncoder, ClipPreprocessing, EncoderRef, resolve_encoder
 from timerefine.features import (
@@ -261,10 +261,7 @@ def _extract(
     settings: DecodeSettings,
     progress: Progress,
 ) -> None:
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(address=args.address)
-    try:
+    with ray_connection(args.address):
         compute = plan_extraction(ClusterResources.of_running_cluster(), args.encoders, args.gpus_per_encoder)
         print(f"[extract] {compute.describe()}", flush=True)
         decoded = add_decoding(video_dataset(todo), storage, settings, compute)
@@ -272,9 +269,6 @@ def _extract(
         written = add_writing(features, args.output, storage, compute, args.videos_per_file)
         for batch in written.iter_batches(batch_size=None, batch_format="pyarrow"):
             progress.update(batch)
-    finally:
-        if started_ray:
-            ray.shutdown()
 
 
 # ---------------------------------------------------------------------------------------------------

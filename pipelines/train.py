@@ -169,22 +169,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"[train] error: {error}", file=sys.stderr)
         return EXIT_UNUSABLE
 
-    import ray
+    from timerefine.compute import ray_connection
 
-    started_ray = not settings.local_mode and not ray.is_initialized()
-    if started_ray:
-        ray.init(address=args.address)
     try:
-        summary = fit(config, settings, storage)
+        with ray_connection(args.address, enabled=not settings.local_mode):
+            summary = fit(config, settings, storage)
     except Exception as error:  # a failed run: its checkpoints stay, a rerun resumes
         logger.exception("training failed")
         print(
             f"[train] error: training failed ({error}); rerun with the same --name to resume", file=sys.stderr
         )
         return EXIT_UNUSABLE
-    finally:
-        if started_ray:
-            ray.shutdown()
     _print_summary(summary)
     return EXIT_OK
 

@@ -34,6 +34,8 @@ up, and a cluster with nothing up is an error that says what to pass.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from ray.data import ActorPoolStrategy, TaskPoolStrategy
@@ -45,6 +47,26 @@ DECODE_TASK_MEMORY = 512 * 1024 * 1024
 # Nodes carrying this label (cluster.yaml's CPU-only decode nodes) take every decode task, so that the CPUs
 # of GPU nodes stay free to feed their encoders. Clusters without such nodes decode wherever CPUs are free.
 DECODE_NODE_LABEL = {"timerefine.io/role": "decode"}
+
+
+@contextmanager
+def ray_connection(address: str | None, enabled: bool = True) -> Iterator[None]:
+    """Connect to the Ray cluster at ``address`` (None: start a local one) for the duration of a job.
+
+    A job called from a process already connected (the demo, a test, a notebook) uses that connection and
+    leaves it open; a job that connected itself disconnects at the end, failed or not. ``enabled=False``
+    (Ray Train's local mode) connects to nothing.
+    """
+    import ray
+
+    started = enabled and not ray.is_initialized()
+    if started:
+        ray.init(address=address)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
 
 
 @dataclass(frozen=True)

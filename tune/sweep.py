@@ -360,12 +360,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"[sweep] error: {error}", file=sys.stderr)
         return EXIT_UNUSABLE
 
-    import ray
+    from timerefine.compute import ray_connection
 
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(address=args.address)
-    try:
+    with ray_connection(args.address):
         failed = fit(config, experiment_uri, storage)
         if not args.no_report:
             from tune import report
@@ -373,9 +370,6 @@ def run(args: argparse.Namespace) -> int:
             evaluate_best_trial(config, experiment_uri, storage, args.endpoint_url)
             written = report.write_report(experiment_uri, storage)
             print(f"[sweep] report: {written.markdown} and {written.plot}", flush=True)
-    finally:
-        if started_ray:
-            ray.shutdown()
     if failed:
         print(
             f"[sweep] {len(failed)} trial(s) failed: {', '.join(failed)}; rerun to retry them",
