@@ -56,7 +56,7 @@ def clip_checkpoint(shared_data, tmp_path_factory) -> str:
         write_jsonl(queries, folder / "clip.jsonl")
         args = [
             "--features", str(folder / "features"), "--train", str(folder / "clip.jsonl"),
-            "--output", str(folder / "runs"), "--workers", "0", "--epochs", "40",
+            "--output", str(folder / "runs"), "--workers", "0", "--epochs", "100",
             "--global-batch-size", "2", "--refine-steps", "2", "--lr", "3e-3",
         ]  # fmt: skip
         with contextlib.redirect_stdout(io.StringIO()):
