@@ -91,6 +91,14 @@ class ClusterResources:
         return cls(cpus=cpus, gpus=gpus, decode_nodes=decode_nodes)
 
 
+def _actor_pool_args(size: int, num_cpus: float, num_gpus: float) -> dict:
+    """``map_batches`` arguments of a fixed-size actor pool; ``num_gpus`` only when it asks for GPUs."""
+    args = {"compute": ActorPoolStrategy(size=size), "num_cpus": num_cpus}
+    if num_gpus:
+        args["num_gpus"] = num_gpus
+    return args
+
+
 @dataclass(frozen=True)
 class _ActorPool:
     size: int
@@ -171,10 +179,7 @@ class ExtractionCompute:
         return args
 
     def encode_args(self) -> dict:
-        args = {"compute": ActorPoolStrategy(size=self.encoders), "num_cpus": self.encoder_num_cpus}
-        if self.encoder_num_gpus:
-            args["num_gpus"] = self.encoder_num_gpus
-        return args
+        return _actor_pool_args(self.encoders, self.encoder_num_cpus, self.encoder_num_gpus)
 
     def write_args(self) -> dict:
         return {"compute": TaskPoolStrategy(), "num_cpus": self.write_num_cpus}
@@ -234,10 +239,7 @@ class InferenceCompute:
     shortfall: str | None = None  # what the actors need beyond what is up now; None: they fit
 
     def predict_args(self) -> dict:
-        args = {"compute": ActorPoolStrategy(size=self.actors), "num_cpus": self.num_cpus}
-        if self.num_gpus:
-            args["num_gpus"] = self.num_gpus
-        return args
+        return _actor_pool_args(self.actors, self.num_cpus, self.num_gpus)
 
     def describe(self) -> str:
         device = f"{self.num_gpus:g} GPU" if self.num_gpus else "CPU"
