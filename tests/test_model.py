@@ -102,7 +102,7 @@ def overfit(small_llm: str) -> tuple[TimeRefineModel, list[Sample], list[float],
     """A small model fully fine-tuned on eight samples: (model, samples, losses, seconds)."""
     torch.manual_seed(0)
     samples = _samples()
-    model = TimeRefineModel.from_config(_config(small_llm))
+    model = TimeRefineModel.from_config(_config(small_llm, refine_steps=4))
     model.set_feature_stats(*fit_feature_stats(s.features for s in samples))
     started = time.perf_counter()
     losses = _train(model, samples, steps=150, lr=3e-3)
@@ -234,6 +234,40 @@ def test_batched_generation_equals_one_by_one(overfit) -> None:
         for key in ("pred", "pred_head", "pred_fused"):
             assert alone[key] == pytest.approx(together[key], abs=1e-4)
     assert _generate(model, samples) == batched  # deterministic
+
+
+def _decoder_passes(model: TimeRefineModel, samples: list[Sample], max_draft_tokens: int) -> tuple[list, int]:
+    passes = []
+    hook = model.causal_lm.get_decoder().register_forward_hook(lambda *_: passes.append(1))
+    try:
+        predictions = model.generate(
+            [s.features for s in samples],
+            [s.query for s in samples],
+            [s.duration for s in samples],
+            max_draft_tokens=max_draft_tokens,
+        )
+    finally:
+        hook.remove()
+    return predictions, len(passes)
+
+
+def test_drafted_decoding_gives_the_token_by_token_answers_in_fewer_passes(overfit, small_llm: str) -> None:
+    model, samples, _, _ = overfit
+    one_by_one, plain_passes = _decoder_passes(model, samples, max_draft_tokens=0)
+    drafted, drafted_passes = _decoder_passes(model, samples, max_draft_tokens=8)
+    answer_length = len(model.tokenizer(samples[0].target, add_special_tokens=False)["input_ids"])
+    assert plain_passes == answer_length  # the prompt pass gives the first token, then one pass a token
+    assert drafted_passes < plain_passes / 2
+    for plain, fast in zip(one_by_one, drafted, strict=True):
+        assert fast["text"] == plain["text"] and fast["parsed"]
+        assert fast["steps"] == plain["steps"] and fast["pred"] == plain["pred"]  # read from the same text
+        for key in ("pred_head", "pred_fused"):  # from hidden states of a multi-token pass: float rounding
+            assert fast[key] == pytest.approx(plain[key], abs=1e-4)
+    # A model whose answers are not in the grammar rejects its drafts and still answers as it would.
+    torch.manual_seed(1)
+    untrained = TimeRefineModel.from_config(_config(small_llm, refine_steps=4, max_new_tokens=12))
+    (plain, _), (fast, _) = (_decoder_passes(untrained, samples[:3], n) for n in (0, 8))
+    assert [p["text"] for p in fast] == [p["text"] for p in plain]
 
 
 def test_an_untrained_model_answers_nothing_parseable_and_says_so(small_llm: str) -> None:

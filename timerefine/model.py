@@ -37,10 +37,12 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from timerefine.batching import IGNORE_INDEX, Batch, Sample, make_batch, special_token_id
+from timerefine.drafting import AnswerDrafter
 from timerefine.llm import DEFAULT_LLM, load_llm
 from timerefine.timecodec import NUM_BINS, OFFSET, SEG_END, SPECIAL_TOKENS, parse_answer
 
 CHECKPOINT_FORMAT = 1
+DEFAULT_DRAFT_TOKENS = 8  # tokens one forward pass may verify: bench/infer.py measured 4-20 on a CPU
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -61,6 +63,7 @@ class ModelConfig:
     lora_target_modules: str | list[str] = "all-linear"
     l1_weight: float = 1.0  # lambda: weight of the head's mean L1 (0 with K = 1 is the direct baseline)
     max_new_tokens: int = 192  # K = 8 with a digit-per-token tokenizer needs about 170
+    refine_steps: int | None = None  # K the model was trained to answer with: generation drafts such answers
     dtype: str = "float32"  # dtype of the LLM's weights; training on GPU keeps float32 and autocasts
     bf16_autocast: bool = True  # on CUDA, run forward and generate under bfloat16 autocast
     encoder: str | None = None  # the feature encoder (id + revision), recorded for the checkpoint
@@ -147,6 +150,7 @@ class TimeRefineModel(nn.Module):
         self.llm = _with_lora(llm, config, token_ids) if config.lora_r > 0 else llm
         self.seg_end_id = special_token_id(tokenizer, SEG_END)
         self.offset_id = special_token_id(tokenizer, OFFSET)
+        self._answer_drafter: tuple[int, AnswerDrafter | None] | None = None
 
     @classmethod
     def from_config(cls, config: ModelConfig, home: Path | None = None) -> TimeRefineModel:
@@ -227,6 +231,7 @@ class TimeRefineModel(nn.Module):
         durations: Sequence[float],
         *,
         max_new_tokens: int | None = None,
+        max_draft_tokens: int = DEFAULT_DRAFT_TOKENS,
     ) -> list[dict[str, Any]]:
         """Ground each query in its video by greedy decoding; deterministic, in eval mode.
 
@@ -235,62 +240,119 @@ class TimeRefineModel(nn.Module):
         ``pred_head`` (the head at the last generated ``<offset>``) and ``pred_fused`` (the mean of the two;
         when only one exists, fused is that one, so a query counts as answered in fused mode whenever either
         part answered), each [start, end] in seconds or None.
+
+        ``max_draft_tokens``: how many drafted tokens (``timerefine.drafting``) one forward pass may verify;
+        0 decodes one token per pass. It changes the cost, not the answer.
         """
         samples = [Sample(f, q, float(d)) for f, q, d in zip(features, queries, durations, strict=True)]
         batch = self.make_batch(samples, padding_side="left").to(self.device)
         was_training = self.training
         self.eval()
         try:
-            tokens, head_fractions = self._greedy_decode(batch, max_new_tokens or self.config.max_new_tokens)
+            rows, head_fractions = self._greedy_decode(
+                batch, max_new_tokens or self.config.max_new_tokens, max_draft_tokens
+            )
         finally:
             self.train(was_training)
-        stop_ids = self._stop_ids()
         predictions = []
-        for row, fractions, duration in zip(tokens.tolist(), head_fractions.tolist(), durations, strict=True):
-            stop = next((i + 1 for i, token in enumerate(row) if token in stop_ids), len(row))
-            text = self.tokenizer.decode(row[:stop], skip_special_tokens=False)
+        for row, fractions, duration in zip(rows, head_fractions.tolist(), durations, strict=True):
+            text = self.tokenizer.decode(row, skip_special_tokens=False)
             predictions.append(_prediction(text, fractions, float(duration)))
         return predictions
 
-    def _greedy_decode(self, batch: Batch, max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Generated ids (B, n) and the head's fractions at each row's last generated ``<offset>`` (NaN when
-        none), decoding from embeddings with the KV cache; rows that stopped are fed padding."""
+    def _greedy_decode(
+        self, batch: Batch, max_new_tokens: int, max_draft_tokens: int
+    ) -> tuple[list[list[int]], torch.Tensor]:
+        """Each row's generated ids (up to its stop token) and the head's fractions at its last generated
+        ``<offset>`` (NaN when none), decoding from embeddings with the KV cache.
+
+        Every pass feeds each unfinished row its last generated token followed by its draft; the logits at
+        those positions give the model's own choice after each, so the draft's longest prefix that matches
+        them is accepted, with the model's token after it. Rows advance independently: what a row rejects
+        stays in the cache but is masked out of attention, and each row keeps its own position ids.
+        """
         decoder = self.causal_lm.get_decoder()
         lm_head = self.causal_lm.get_output_embeddings()
         embed_tokens = self.causal_lm.get_input_embeddings()
-        stop_ids = torch.tensor(sorted(self._stop_ids()), device=self.device)
-        attention_mask, positions = batch.attention_mask, batch.position_ids[:, -1:]
-        size = len(batch)
-        finished = torch.zeros(size, dtype=torch.bool, device=self.device)
+        drafter = self._drafter() if max_draft_tokens > 0 else None
+        stop_ids = self._stop_ids()
+        size, pad_id = len(batch), self.tokenizer.pad_token_id
+        generated: list[list[int]] = [[] for _ in range(size)]
+        finished = [False] * size
         head_fractions = torch.full((size, 2), float("nan"), device=self.device)
-        generated = []
+
+        def drafts() -> list[list[int]]:
+            budgets = (min(max_draft_tokens, max_new_tokens - len(row) - 1) for row in generated)
+            return [
+                drafter.draft(row, budget) if drafter is not None and not done else []
+                for row, done, budget in zip(generated, finished, budgets, strict=True)
+            ]
+
+        # First pass: the prompt, then the draft of the answer's opening (the same for every row). Column 0
+        # of the verified span is the prompt's last token, not a generated one.
+        draft = drafts()
+        opening = torch.tensor(draft, dtype=torch.long, device=self.device).reshape(size, -1)
+        fed_ids = torch.cat([batch.input_ids[:, -1:], opening], dim=1)
+        next_position = batch.position_ids[:, -1].clone()  # the position of fed_ids[:, 0]
+        drafted = next_position[:, None] + 1 + torch.arange(opening.shape[1], device=self.device)
+        attention_mask = torch.cat([batch.attention_mask, torch.ones_like(opening)], dim=1)
         with self._autocast():
             out = decoder(
-                inputs_embeds=self._embed(batch),
+                inputs_embeds=torch.cat([self._embed(batch), embed_tokens(opening)], dim=1),
                 attention_mask=attention_mask,
-                position_ids=batch.position_ids,
+                position_ids=torch.cat([batch.position_ids, drafted], dim=1),
                 use_cache=True,
             )
-            for _ in range(max_new_tokens):
-                next_ids = lm_head(out.last_hidden_state[:, -1]).argmax(dim=-1)
-                next_ids = next_ids.masked_fill(finished, self.tokenizer.pad_token_id)
-                generated.append(next_ids)
-                finished |= torch.isin(next_ids, stop_ids)
-                if finished.all():
+            first_generated_column = 1
+            while True:
+                span = fed_ids.shape[1]
+                hidden = out.last_hidden_state[:, -span:]
+                choices = lm_head(hidden).argmax(dim=-1).tolist()  # choices[r][j]: the token after column j
+                heads = self._head_fractions(hidden.reshape(-1, hidden.shape[-1])).reshape(size, span, 2)
+                is_offset = (fed_ids == self.offset_id).tolist()
+                for r in range(size):
+                    if finished[r]:
+                        continue
+                    accepted = 0
+                    while accepted < len(draft[r]) and draft[r][accepted] == choices[r][accepted]:
+                        accepted += 1
+                    offsets = [j for j in range(first_generated_column, accepted + 1) if is_offset[r][j]]
+                    if offsets:
+                        head_fractions[r] = heads[r, offsets[-1]]
+                    attention_mask[r, attention_mask.shape[1] - span + accepted + 1 :] = 0  # the rejected
+                    next_position[r] += accepted + 1
+                    for token in [*draft[r][:accepted], choices[r][accepted]]:
+                        generated[r].append(token)
+                        if token in stop_ids or len(generated[r]) >= max_new_tokens:
+                            finished[r] = True
+                            break
+                if all(finished):
                     break
-                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(size, 1)], dim=1)
-                positions = positions + 1
+                draft, first_generated_column = drafts(), 0
+                width = 1 + max(len(d) for d in draft)
+                fed, valid = [], []
+                for row, row_draft, done in zip(generated, draft, finished, strict=True):
+                    tokens = [] if done else [row[-1], *row_draft]
+                    fed.append(tokens + [pad_id] * (width - len(tokens)))
+                    valid.append([1] * len(tokens) + [0] * (width - len(tokens)))
+                fed_ids = torch.tensor(fed, device=self.device)
+                attention_mask = torch.cat([attention_mask, attention_mask.new_tensor(valid)], dim=1)
                 out = decoder(
-                    inputs_embeds=embed_tokens(next_ids[:, None]),
+                    inputs_embeds=embed_tokens(fed_ids),
                     attention_mask=attention_mask,
-                    position_ids=positions,
+                    position_ids=next_position[:, None] + torch.arange(width, device=self.device),
                     cache=out.cache,
                     use_cache=True,
                 )
-                at_offset = (next_ids == self.offset_id)[:, None]
-                fractions = self._head_fractions(out.last_hidden_state[:, -1])
-                head_fractions = torch.where(at_offset, fractions, head_fractions)
-        return torch.stack(generated, dim=1), head_fractions
+        return generated, head_fractions
+
+    def _drafter(self) -> AnswerDrafter | None:
+        if self.config.refine_steps is None:
+            return None
+        if self._answer_drafter is None or self._answer_drafter[0] != self.config.refine_steps:
+            steps = self.config.refine_steps
+            self._answer_drafter = (steps, AnswerDrafter.for_tokenizer(self.tokenizer, steps))
+        return self._answer_drafter[1]
 
     def _stop_ids(self) -> set[int]:
         # <seg_end> ends an answer; an EOS first means the answer will not parse, so decoding on is wasted.

@@ -105,6 +105,7 @@ class TrainConfig:
             lora_r=self.lora_r,
             l1_weight=self.l1_weight,
             max_new_tokens=max_new_tokens,
+            refine_steps=self.parsed_schedule().k,
             encoder=encoder,
         )
 
