@@ -270,6 +270,18 @@ def test_drafted_decoding_gives_the_token_by_token_answers_in_fewer_passes(overf
     assert [p["text"] for p in fast] == [p["text"] for p in plain]
 
 
+def test_a_model_trained_without_the_l1_term_gives_no_head_answer(overfit) -> None:
+    model, samples, _, _ = overfit
+    trained_weight, model.config.l1_weight = model.config.l1_weight, 0.0  # as a direct run: no head training
+    try:
+        predictions = _generate(model, samples[:2])
+    finally:
+        model.config.l1_weight = trained_weight
+    for prediction in predictions:
+        assert prediction["parsed"] and prediction["pred_head"] is None
+        assert prediction["pred_fused"] == prediction["pred"]  # fused is the text answer alone
+
+
 def test_an_untrained_model_answers_nothing_parseable_and_says_so(small_llm: str) -> None:
     torch.manual_seed(0)
     model = TimeRefineModel.from_config(_config(small_llm, max_new_tokens=6))

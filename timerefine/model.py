@@ -237,7 +237,8 @@ class TimeRefineModel(nn.Module):
 
         Per query: ``text`` (the answer up to and including ``<seg_end>``), ``parsed`` (whether it follows
         the grammar), ``steps`` (every complete step's refined segment), ``pred`` (the text's answer),
-        ``pred_head`` (the head at the last generated ``<offset>``) and ``pred_fused`` (the mean of the two;
+        ``pred_head`` (the head at the last generated ``<offset>``; None for a model trained with
+        ``l1_weight = 0``, whose head never learnt anything) and ``pred_fused`` (the mean of the two;
         when only one exists, fused is that one, so a query counts as answered in fused mode whenever either
         part answered), each [start, end] in seconds or None.
 
@@ -254,6 +255,8 @@ class TimeRefineModel(nn.Module):
             )
         finally:
             self.train(was_training)
+        if self.config.l1_weight == 0:
+            head_fractions.fill_(float("nan"))
         predictions = []
         for row, fractions, duration in zip(rows, head_fractions.tolist(), durations, strict=True):
             text = self.tokenizer.decode(row, skip_special_tokens=False)
