@@ -46,8 +46,8 @@ QUIET_ENV = {
     # Ray Data's per-dataset INFO lines (plan, start, finish) and its note that progress bars are off:
     # the jobs print their own progress
     "RAY_DATA_LOG_LEVEL": "ERROR",
-    # Ray core's C++ log lines (e.g. a notice per restartable actor type); failures still raise in Python
-    "RAY_BACKEND_LOG_LEVEL": "fatal",
+    # Not RAY_BACKEND_LOG_LEVEL: it hides Ray core's notice about restartable actors (three lines a demo)
+    # but makes every Ray process announce the level it read (about 25 lines).
 }
 
 

@@ -362,6 +362,7 @@ def _write_checkpoint(directory: Path, model, optimizer, state) -> None:
 class TrainingSummary:
     run: str
     final_checkpoint: str | None
+    final_epoch: int | None
     selection: str
     epochs: list[dict[str, Any]]  # every reported epoch of the run, resumed ones included
     this_attempt: list[int]  # the epochs trained by this invocation
@@ -380,13 +381,14 @@ def fit(config: TrainConfig, settings: RunSettings, storage: Storage) -> Trainin
     epochs = sorted((metrics for _, metrics in reported), key=lambda m: m["epoch"])
     validated = bool(epochs) and all(SELECTION_METRIC in m for m in epochs)
     selection = f"best {SELECTION_METRIC}" if validated else "last"
-    final = None
+    final_epoch = None
     if epochs:
         key = (lambda m: (m[SELECTION_METRIC], m["epoch"])) if validated else (lambda m: m["epoch"])
-        final = final_dir[max(epochs, key=key)["epoch"]]
+        final_epoch = max(epochs, key=key)["epoch"]
     summary = TrainingSummary(
         run=settings.run_uri,
-        final_checkpoint=final,
+        final_checkpoint=final_dir[final_epoch] if final_epoch is not None else None,
+        final_epoch=final_epoch,
         selection=selection,
         epochs=[_plain(m) for m in epochs],
         this_attempt=[m["epoch"] for m in history],
@@ -453,8 +455,10 @@ def _format_metrics(metrics: dict[str, Any]) -> str:
 
 
 def _print_summary(summary: TrainingSummary) -> None:
-    for metrics in summary.epochs:
-        print("[train] " + _format_metrics(metrics))
+    # Each epoch's line was printed as it finished; the summary names the one chosen.
+    chosen = [m for m in summary.epochs if m["epoch"] == summary.final_epoch]
+    if chosen:
+        print(f"[train] chosen ({summary.selection}): " + _format_metrics(chosen[0]))
     trained = ", ".join(map(str, summary.this_attempt)) or "none (the run was already complete)"
     print(f"[train] epochs trained now: {trained}")
     print(f"[train] final checkpoint ({summary.selection}): {summary.final_checkpoint}")

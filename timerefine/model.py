@@ -237,10 +237,10 @@ class TimeRefineModel(nn.Module):
 
         Per query: ``text`` (the answer up to and including ``<seg_end>``), ``parsed`` (whether it follows
         the grammar), ``steps`` (every complete step's refined segment), ``pred`` (the text's answer),
-        ``pred_head`` (the head at the last generated ``<offset>``; None for a model trained with
-        ``l1_weight = 0``, whose head never learnt anything) and ``pred_fused`` (the mean of the two;
+        ``pred_head`` (the head at the last generated ``<offset>``) and ``pred_fused`` (the mean of the two;
         when only one exists, fused is that one, so a query counts as answered in fused mode whenever either
-        part answered), each [start, end] in seconds or None.
+        part answered), each [start, end] in seconds or None. A model trained with ``l1_weight = 0`` has no
+        head answer and no fused one: its head never learnt anything.
 
         ``max_draft_tokens``: how many drafted tokens (``timerefine.drafting``) one forward pass may verify;
         0 decodes one token per pass. It changes the cost, not the answer.
@@ -255,12 +255,11 @@ class TimeRefineModel(nn.Module):
             )
         finally:
             self.train(was_training)
-        if self.config.l1_weight == 0:
-            head_fractions.fill_(float("nan"))
         predictions = []
         for row, fractions, duration in zip(rows, head_fractions.tolist(), durations, strict=True):
             text = self.tokenizer.decode(row, skip_special_tokens=False)
-            predictions.append(_prediction(text, fractions, float(duration)))
+            head = fractions if self.config.l1_weight > 0 else None
+            predictions.append(_prediction(text, head, float(duration)))
         return predictions
 
     def _greedy_decode(
@@ -454,16 +453,17 @@ def _row_means(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return sums / mask.sum(dim=1).clamp(min=1)
 
 
-def _prediction(text: str, head_fractions: list[float], duration: float) -> dict[str, Any]:
+def _prediction(text: str, head_fractions: list[float] | None, duration: float) -> dict[str, Any]:
+    """The prediction fields; ``head_fractions`` is None for a model without a trained head, which then has
+    neither a head answer nor a fused one (not even the text answer standing in for fused)."""
     parsed = parse_answer(text)
     text_segment = parsed.segment_s(duration)
-    head_segment = None
-    if not any(math.isnan(f) for f in head_fractions):
-        start, end = sorted(min(max(f, 0.0), 1.0) * duration for f in head_fractions)
-        head_segment = (start, end)
+    head_segment = fused = None
+    if head_fractions is not None and not any(math.isnan(f) for f in head_fractions):
+        head_segment = tuple(sorted(min(max(f, 0.0), 1.0) * duration for f in head_fractions))
     if text_segment is not None and head_segment is not None:
         fused = tuple((a + b) / 2 for a, b in zip(text_segment, head_segment, strict=True))
-    else:
+    elif head_fractions is not None:
         fused = text_segment or head_segment
     return {
         "text": text,

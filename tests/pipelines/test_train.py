@@ -38,6 +38,7 @@ def test_local_mode_learns_reports_and_checkpoints_every_epoch(tiny_benchmark, t
     best = max(epochs, key=lambda m: (m["val_mIoU"], m["epoch"]))
     assert summary["selection"] == "best val_mIoU"
     assert summary["final_checkpoint"] == str(run_dir / f"checkpoint_epoch_{best['epoch']:03d}")
+    assert summary["final_epoch"] == best["epoch"]
     model = load_checkpoint(summary["final_checkpoint"])
     assert model.config.encoder == tiny_benchmark.encoder and model.config.feature_dim == 768
     assert model.config.l1_weight == 1.0
