@@ -28,8 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from timerefine.data.annotations import read_annotations
+from timerefine.drafting import DEFAULT_DRAFT_TOKENS
 from timerefine.features import load_features
-from timerefine.model import DEFAULT_DRAFT_TOKENS, load_checkpoint
+from timerefine.model import load_checkpoint
 
 
 def main() -> None:

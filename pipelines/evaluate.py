@@ -33,6 +33,7 @@ from timerefine.cli import run_job
 from timerefine.compute import ClusterResources, InferenceCompute, plan_inference, ray_connection
 from timerefine.data.annotations import Query, read_annotations
 from timerefine.data.storage import Storage, StorageError
+from timerefine.drafting import DEFAULT_DRAFT_TOKENS
 
 logger = logging.getLogger("timerefine.evaluate")
 
@@ -64,6 +65,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--durations", help="Charades metadata CSV, for annotations without durations")
     parser.add_argument("--output", required=True, help="folder for predictions.jsonl and metrics.json")
     parser.add_argument("--batch-size", type=int, default=32, help="queries per generate call")
+    parser.add_argument(
+        "--draft-tokens",
+        type=int,
+        default=DEFAULT_DRAFT_TOKENS,
+        help=f"drafted answer tokens one forward pass may verify (default {DEFAULT_DRAFT_TOKENS}; 0: one "
+        "token a pass). Changes the speed, not the answers",
+    )
     parser.add_argument("--actors", type=int, help="predictor actors (default: one per GPU or CPU)")
     parser.add_argument("--gpus-per-actor", type=float, help="0 forces CPU predictors")
     parser.add_argument("--compat", choices=["vtimellm"], help="round each IoU to two decimals, as VTimeLLM")
@@ -80,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        if args.draft_tokens < 0:
+            raise ValueError(f"--draft-tokens must be >= 0, got {args.draft_tokens}")
         storage = Storage(endpoint_url=args.endpoint_url)
         features = storage.canonical(args.features)
         queries, read = read_annotations(args.annotations, durations=args.durations, storage=storage)
@@ -96,7 +106,9 @@ def run(args: argparse.Namespace) -> int:
         with ray_connection(args.address):
             compute = plan_inference(ClusterResources.of_running_cluster(), args.actors, args.gpus_per_actor)
             print(f"[evaluate] {compute.describe()}", flush=True)
-            records = predict(joined, args.checkpoint, features, storage, compute, args.batch_size)
+            records = predict(
+                joined, args.checkpoint, features, storage, compute, args.batch_size, args.draft_tokens
+            )
     except Exception as error:
         logger.exception("evaluation failed")
         print(f"[evaluate] error: the pipeline failed ({error})", file=sys.stderr)
@@ -131,7 +143,9 @@ def metric_rows(metrics: dict[str, Any]) -> dict[str, dict[str, Any]]:
 class Predictor:
     """A predictor actor: loads the checkpoint and the feature table once, then grounds batches of queries."""
 
-    def __init__(self, checkpoint: str, features: str, storage: Storage, threads: int | None) -> None:
+    def __init__(
+        self, checkpoint: str, features: str, storage: Storage, threads: int | None, draft_tokens: int
+    ) -> None:
         import torch
 
         from timerefine.features import load_features
@@ -144,6 +158,7 @@ class Predictor:
         with tempfile.TemporaryDirectory(prefix="timerefine-ckpt-") as staging:
             self.model = load_checkpoint(fetch_checkpoint(checkpoint, storage, Path(staging)), device=device)
         self.features = load_features(features, storage)
+        self.draft_tokens = draft_tokens
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -151,6 +166,7 @@ class Predictor:
             [self.features[row["video_id"]].features for row in rows],
             [row["query"] for row in rows],
             [row["duration"] for row in rows],
+            max_draft_tokens=self.draft_tokens,
         )
         return pa.Table.from_pylist(
             [row | prediction for row, prediction in zip(rows, predictions, strict=True)],
@@ -165,6 +181,7 @@ def predict(
     storage: Storage,
     compute: InferenceCompute,
     batch_size: int,
+    draft_tokens: int = DEFAULT_DRAFT_TOKENS,
 ) -> list[dict[str, Any]]:
     """Ground every query with a pool of predictor actors; records in the order of ``queries``."""
     import ray
@@ -183,6 +200,7 @@ def predict(
             "features": features,
             "storage": storage,
             "threads": compute.threads,
+            "draft_tokens": draft_tokens,
         },
         **compute.predict_args(),
     )

@@ -19,10 +19,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from timerefine.timecodec import MAX_OFFSET, NUM_BINS, Step, format_answer
+
+if TYPE_CHECKING:  # the jobs read DEFAULT_DRAFT_TOKENS for their --help without importing transformers
+    from transformers import PreTrainedTokenizerBase
+
+# Drafted tokens one forward pass may verify. On a CPU each costs compute, and 8 measured best among
+# 4, 8, 12 and 20 (bench/infer.py); on a GPU, where a pass costs about the same for 1 or 20 tokens, more pays.
+DEFAULT_DRAFT_TOKENS = 8
 
 # Digit fields of one step, in the order they are written: rough start, rough end, start offset, end offset.
 _ROUGH_START, _ROUGH_END, _OFFSET_START, _OFFSET_END = range(4)

@@ -37,12 +37,11 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from timerefine.batching import IGNORE_INDEX, Batch, Sample, make_batch, special_token_id
-from timerefine.drafting import AnswerDrafter
+from timerefine.drafting import DEFAULT_DRAFT_TOKENS, AnswerDrafter
 from timerefine.llm import DEFAULT_LLM, load_llm
 from timerefine.timecodec import NUM_BINS, OFFSET, SEG_END, SPECIAL_TOKENS, parse_answer
 
 CHECKPOINT_FORMAT = 1
-DEFAULT_DRAFT_TOKENS = 8  # tokens one forward pass may verify: bench/infer.py measured 4-20 on a CPU
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
