@@ -7,8 +7,18 @@ excluded. The Ray Train number is the ``samples_per_s`` the job itself reports f
 ``--workers`` workers on a local Ray; the plain loop runs ``timerefine.training``'s pieces in this process.
 Epoch 1 (allocator and kernel warm-up) is left out of both means.
 
+A third row times the raw training step of the same LLM with nothing of ours around it: Hugging Face's own
+loss on random token sequences of ``--raw-tokens`` tokens (about one of our samples: 100 frame slots, the
+question and the answer), with the same LoRA (or full fine-tuning) and the same micro-batch. Our loop's ratio
+to it is the cost of the adapter, the batching, the head and the per-sample loss.
+
+On a GPU every loop runs there (bf16 autocast, one GPU a Ray worker). The issue's GPU setting is a
+Qwen2-0.5B-shaped LLM with LoRA r 64:
+
     python bench/train.py                      # a synthetic feature table written to a temporary folder
     python bench/train.py --features F --train T --epochs 3
+    python bench/train.py --llm random-qwen2-0.5b --lora-r 64 --videos 256 --global-batch-size 64 \
+        --micro-batch-size 16                  # on a GPU
 
 Target: the Ray Train loop within 15% of the plain loop at 1 worker.
 """
@@ -21,18 +31,21 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import torch
+from peft import LoraConfig, get_peft_model
 
 from pipelines import train
 from timerefine.data.annotations import Query, write_jsonl
 from timerefine.data.storage import Storage
 from timerefine.encoders import resolve_encoder
 from timerefine.features import STATUS_OK, feature_rows_to_table, write_feature_part
+from timerefine.llm import DEFAULT_LLM, load_llm
 from timerefine.model import TimeRefineModel
 from timerefine.training import (
     BatchPlan,
@@ -57,8 +70,14 @@ def main() -> None:
     parser.add_argument("--global-batch-size", type=int, default=16)
     parser.add_argument("--micro-batch-size", type=int, default=8)
     parser.add_argument("--refine-steps", type=int, default=4)
-    parser.add_argument("--workers", type=int, nargs="+", default=[1], help="Ray Train worker counts to run")
+    parser.add_argument(
+        "--workers", type=int, nargs="+", default=[1], help="Ray Train worker counts to run (0: none, no Ray)"
+    )
+    parser.add_argument("--llm", default=DEFAULT_LLM, help="what train --llm takes, e.g. random-qwen2-0.5b")
+    parser.add_argument("--lora-r", type=int, default=0, help="0: full fine-tuning (the small default's)")
+    parser.add_argument("--raw-tokens", type=int, default=160, help="sequence length of the raw-step row")
     args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         folder = Path(tmp)
@@ -72,19 +91,28 @@ def main() -> None:
             epochs=args.epochs,
             global_batch_size=args.global_batch_size,
             micro_batch_size=args.micro_batch_size,
+            llm=args.llm,
+            lora_r=args.lora_r,
         )
         queries = len(load_training_data(config).train)
-        print(f"{queries} queries, {args.epochs} epochs, K = {config.schedule}")
-        rows = {"plain PyTorch loop (1 process, 1 thread)": plain_loop(config)}
-        for workers in args.workers:
-            rows[f"Ray Train, {workers} worker(s) x 1 CPU"] = ray_train_loop(config, workers, folder)
+        print(f"{queries} queries, {args.epochs} epochs, K = {config.schedule}, {args.llm} on {device.type}")
+        plain = f"plain PyTorch loop (1 process{', 1 thread' if device.type == 'cpu' else ''})"
+        rows = {plain: plain_loop(config, device)}
+        for workers in (w for w in args.workers if w > 0):
+            unit = "GPU" if device.type == "cuda" else "CPU"
+            rows[f"Ray Train, {workers} worker(s) x 1 {unit}"] = ray_train_loop(
+                config, workers, folder, device
+            )
+        raw = raw_step(config, device, args.raw_tokens, steps=max(3, 2 * args.epochs))
 
-    reference = statistics.mean(rows["plain PyTorch loop (1 process, 1 thread)"][1:] or [0])
-    print(f"\n{'loop':<42} {'samples/s by epoch':<28} {'mean (ep>=2)':>12} {'vs plain':>9}")
+    reference = statistics.mean(rows[plain][1:] or rows[plain])
+    print(f"\n{'loop':<42} {'samples/s by epoch':<28} {'mean (ep>=2)':>12} {'vs plain':>9} {'vs raw':>7}")
     for name, rates in rows.items():
         mean = statistics.mean(rates[1:] or rates)
         by_epoch = " ".join(f"{r:.1f}" for r in rates)
-        print(f"{name:<42} {by_epoch:<28} {mean:>12.2f} {mean / reference:>8.1%}")
+        print(f"{name:<42} {by_epoch:<28} {mean:>12.2f} {mean / reference:>8.1%} {mean / raw:>6.1%}")
+    what = "LoRA" if args.lora_r else "full fine-tuning"
+    print(f"{f'raw HF {what} step, {args.raw_tokens} tokens':<42} {'':<28} {raw:>12.2f}")
 
 
 def write_synthetic(folder: Path, videos: int) -> tuple[str, str]:
@@ -108,7 +136,7 @@ def write_synthetic(folder: Path, videos: int) -> tuple[str, str]:
     return str(folder / "features"), str(folder / "train.jsonl")
 
 
-def plain_loop(config: TrainConfig) -> list[float]:
+def plain_loop(config: TrainConfig, device: torch.device) -> list[float]:
     """The job's epoch loop without Ray: the same pieces, in the same order, in this process."""
     torch.set_num_threads(1)
     data = load_training_data(config)
@@ -118,6 +146,7 @@ def plain_loop(config: TrainConfig) -> list[float]:
     targets = [training_target(q, schedule, config.seed, 0) for q in data.train]
     model.config.max_new_tokens = answer_token_budget(model, targets)
     model.set_feature_stats(*data.feature_stats())
+    model.to(device)
     optimizer = make_optimizer(model, config)
     plan = BatchPlan.create(config.global_batch_size, 1, config.micro_batch_size)
     total_steps = config.epochs * plan.steps_per_epoch(len(data.train))
@@ -130,21 +159,59 @@ def plain_loop(config: TrainConfig) -> list[float]:
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, total_steps, config)
             micro_batches = [
-                model.make_batch([samples[i] for i in m]) for m in plan.micro_batches(global_batch, 0)
+                model.make_batch([samples[i] for i in m]).to(device)
+                for m in plan.micro_batches(global_batch, 0)
             ]
             totals += optimisation_step(model, optimizer, micro_batches, plan, config.grad_clip)
             step += 1
+        _synchronize(device)
         rates.append(totals.samples / (time.perf_counter() - started))
     return rates
 
 
-def ray_train_loop(config: TrainConfig, workers: int, folder: Path) -> list[float]:
+def raw_step(config: TrainConfig, device: torch.device, tokens: int, steps: int) -> float:
+    """Samples/s of the bare LLM's training step: random tokens, Hugging Face's loss, the same trainable
+    weights (LoRA or all) and micro-batch, bf16 autocast on a GPU; the first step is left out."""
+    torch.manual_seed(config.seed)
+    llm, tokenizer = load_llm(config.llm)
+    if config.lora_r:
+        llm = get_peft_model(
+            llm, LoraConfig(r=config.lora_r, lora_alpha=2 * config.lora_r, target_modules="all-linear")
+        )
+    llm.to(device).train()
+    optimizer = torch.optim.AdamW([p for p in llm.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(0, len(tokenizer), (config.micro_batch_size, tokens), device=device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    for step in range(steps + 1):
+        if step == 1:
+            _synchronize(device)
+            started = time.perf_counter()
+        with autocast:
+            loss = llm(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    _synchronize(device)
+    return steps * config.micro_batch_size / (time.perf_counter() - started)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def ray_train_loop(config: TrainConfig, workers: int, folder: Path, device: torch.device) -> list[float]:
     """The training job itself (``pipelines.train.fit``) on a local Ray; its own per-epoch samples/s."""
     import ray
 
     ray.init(num_cpus=max(2, workers), include_dashboard=False, ignore_reinit_error=True)
     try:
-        settings = train.RunSettings(output=str(folder / "runs"), name=f"bench-{workers}", workers=workers)
+        settings = train.RunSettings(
+            output=str(folder / "runs"),
+            name=f"bench-{workers}",
+            workers=workers,
+            gpus_per_worker=1.0 if device.type == "cuda" else 0.0,
+        )
         summary = train.fit(config, settings, Storage())
     finally:
         ray.shutdown()

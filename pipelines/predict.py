@@ -28,7 +28,7 @@ import numpy as np
 
 from timerefine.cli import run_job
 from timerefine.data.storage import Storage, StorageError, video_id_from_uri
-from timerefine.encoders import DEFAULT_ENCODER, EncoderRef, resolve_encoder
+from timerefine.encoders import RANDOM_ENCODERS, EncoderRef, resolve_encoder
 
 EXIT_OK, EXIT_UNPARSED, EXIT_UNUSABLE = 0, 1, 2
 
@@ -84,7 +84,7 @@ def encoder_for(recorded: str | None, override: str | None) -> EncoderRef:
     if not recorded:
         raise ValueError("the checkpoint does not name the encoder its features came from; pass --encoder")
     name, _, revision = recorded.rpartition("@")
-    if name != DEFAULT_ENCODER and not Path(name).is_dir():
+    if name not in RANDOM_ENCODERS and not Path(name).is_dir():
         return EncoderRef(name, revision)  # a hub id, pinned to the recorded revision
     current = resolve_encoder(name)
     if current.revision != revision:

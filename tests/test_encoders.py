@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,10 +14,12 @@ from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
 from timerefine.encoders import (
     DEFAULT_ENCODER,
+    RANDOM_ENCODERS,
+    VIT_L_14_ENCODER,
     ClipImageEncoder,
     ClipPreprocessing,
     EncoderRef,
-    build_default_encoder,
+    build_random_encoder,
     resolve_encoder,
 )
 from timerefine.video import sample_frames
@@ -44,7 +47,7 @@ def real_frames(sample_videos) -> np.ndarray:
 
 def test_default_encoder_is_built_once_and_loaded_through_from_pretrained(encoder_home, tiny_encoder):
     ref = resolve_encoder(None)
-    directory = build_default_encoder()
+    directory = build_random_encoder()
 
     assert ref.name == DEFAULT_ENCODER
     assert ref.path == str(directory)
@@ -52,7 +55,7 @@ def test_default_encoder_is_built_once_and_loaded_through_from_pretrained(encode
     assert ref.identity == f"{DEFAULT_ENCODER}@{ref.revision}"
     assert len(ref.revision) == 12 and int(ref.revision, 16) >= 0
     assert resolve_encoder(DEFAULT_ENCODER) == ref  # the revision is a function of config and seed
-    assert build_default_encoder() == directory  # built once, then found
+    assert build_random_encoder() == directory  # built once, then found
     assert not [path for path in directory.parent.iterdir() if path.name.startswith(".")]
 
     config = json.loads((directory / "config.json").read_text())
@@ -62,8 +65,26 @@ def test_default_encoder_is_built_once_and_loaded_through_from_pretrained(encode
     assert tiny_encoder.identity == ref.identity
 
 
+def test_a_built_in_encoder_is_built_from_its_config_by_name(encoder_home, monkeypatch) -> None:
+    # The ViT-L/14-shaped one (300M parameters, a 1.2 GB build) is for GPU benchmarks; here the same path
+    # runs on a small config registered under another name.
+    vit_l = RANDOM_ENCODERS[VIT_L_14_ENCODER]
+    assert (vit_l["image_size"], vit_l["patch_size"], vit_l["hidden_size"]) == (224, 14, 1024)
+    assert (vit_l["num_hidden_layers"], vit_l["projection_dim"]) == (24, 768)
+    small = RANDOM_ENCODERS[DEFAULT_ENCODER] | {"image_size": 64, "num_hidden_layers": 1}
+    monkeypatch.setitem(RANDOM_ENCODERS, "timerefine/test-clip", small)
+    ref = resolve_encoder("timerefine/test-clip")
+    assert Path(ref.path).name == f"test-clip-{ref.revision}"
+    assert ref.revision != resolve_encoder(None).revision  # the revision follows the config
+    encoder = ClipImageEncoder(ref, threads=1)
+    assert encoder.preprocessing.crop_size == 64 and encoder.identity == ref.identity
+    frames = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    features = encoder.encode(frames)
+    assert features.shape == (3, 768) and features.dtype == np.float16 and np.isfinite(features).all()
+
+
 def test_default_encoder_weights_are_reproducible(tmp_path, tiny_encoder):
-    rebuilt = CLIPVisionModelWithProjection.from_pretrained(build_default_encoder(tmp_path))
+    rebuilt = CLIPVisionModelWithProjection.from_pretrained(build_random_encoder(cache_dir=tmp_path))
 
     expected = tiny_encoder.model.state_dict()
     for name, weights in rebuilt.state_dict().items():

@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaForCausalLM
+from transformers import LlamaForCausalLM, Qwen2ForCausalLM
 
 from timerefine.llm import (
+    BUILT_IN_LLMS,
     DEFAULT_LLM,
     TinyLlmSpec,
     build_tiny_tokenizer,
@@ -80,6 +81,31 @@ def test_tiny_llm_is_built_once_deterministically_and_loaded_with_from_pretraine
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
 
 
+def test_a_qwen2_shaped_built_in_llm_has_grouped_query_attention_and_its_own_vocabulary_size(
+    home: Path,
+) -> None:
+    # "random-qwen2-0.5b" is this spec at full size (a 2 GB build): here the same path at a test's size.
+    full = BUILT_IN_LLMS["random-qwen2-0.5b"]
+    assert (full.hidden_size, full.num_layers, full.num_heads, full.num_kv_heads) == (896, 24, 14, 2)
+    assert (full.intermediate_size, full.vocab_size, full.architecture) == (4864, 151936, "qwen2")
+    spec = TinyLlmSpec(
+        architecture="qwen2", hidden_size=56, num_layers=2, num_heads=7, num_kv_heads=1, intermediate_size=96,
+        vocab_size=4096, rope_theta=full.rope_theta,
+    )  # fmt: skip
+    directory = tiny_llm_dir(spec, home=home)
+    assert directory.name.startswith("tiny-qwen2-")
+    model, tokenizer = load_llm(directory, home=home)
+    assert isinstance(model, Qwen2ForCausalLM)
+    assert model.config.num_key_value_heads == 1
+    assert model.config.rope_parameters["rope_theta"] == full.rope_theta
+    assert model.get_input_embeddings().num_embeddings == 4096 > len(tokenizer)  # rows beyond it go unused
+    ids = tokenizer("During which frames can we see the red circle", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert model(ids).logits.shape == (1, ids.shape[1], 4096)
+    with pytest.raises(ValueError, match="architecture"):
+        TinyLlmSpec(architecture="gpt2")
+
+
 def test_tiny_llm_round_trips_through_save_pretrained(home: Path, tmp_path: Path) -> None:
     model, tokenizer = load_llm(DEFAULT_LLM, home=home)
     model.save_pretrained(tmp_path / "copy")
@@ -96,7 +122,7 @@ def test_tiny_llm_round_trips_through_save_pretrained(home: Path, tmp_path: Path
 
 
 def test_a_missing_llm_names_what_to_pass(home: Path, tmp_path: Path) -> None:
-    with pytest.raises(OSError, match="--llm tiny-llama"):
+    with pytest.raises(OSError, match=r"built-in name \(tiny-llama, random-qwen2-0\.5b\)"):
         load_llm(tmp_path / "no_such_model", home=home)
     with pytest.raises(FileNotFoundError, match=r"missing\.gguf"):
         load_llm(tmp_path / "missing.gguf", home=home)

@@ -10,7 +10,9 @@ Any CLIP vision tower with a projection loads through ``from_pretrained`` from a
 directory. Without a network, the default is a small CLIP vision model built from a config with a fixed
 seed, saved once with ``save_pretrained`` into a cache directory and then loaded back through the same
 ``from_pretrained`` path as any other. Its random weights still run the real preprocessing and forward
-pass; its features are only as meaningful as random weights allow (DESIGN.md section 7).
+pass; its features are only as meaningful as random weights allow (DESIGN.md section 7). A second built-in,
+``timerefine/random-clip-vit-l-14``, has ViT-L/14's shape and random weights, for measuring encoding
+throughput at the paper's size on a GPU.
 
 torch and transformers are imported where frames are encoded, not at module import: decode tasks import
 this module for the crop alone and should not pay seconds and hundreds of MB for torch.
@@ -50,6 +52,21 @@ _TINY_CLIP_CONFIG = {
     "projection_dim": 768,
 }
 _TINY_CLIP_SEED = 0
+VIT_L_14_ENCODER = "timerefine/random-clip-vit-l-14"
+# The built-in random-weight encoders, by name. ViT-L/14's shape (openai/clip-vit-large-patch14's vision
+# config: 224 px, 14 px patches, 24 layers of width 1024) measures what encoding costs at the paper's size.
+RANDOM_ENCODERS = {
+    DEFAULT_ENCODER: _TINY_CLIP_CONFIG,
+    VIT_L_14_ENCODER: {
+        "image_size": 224,
+        "patch_size": 14,
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "projection_dim": 768,
+    },
+}
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
@@ -81,9 +98,11 @@ class EncoderRef:
 
 
 def resolve_encoder(name_or_path: str | None = None) -> EncoderRef:
-    """Pin an encoder given by hub id or local directory (None: the built-in default)."""
-    if name_or_path in (None, "", DEFAULT_ENCODER):
-        return EncoderRef(DEFAULT_ENCODER, _tiny_clip_revision(), str(build_default_encoder()))
+    """Pin an encoder given by hub id, local directory or built-in name (None: the built-in default)."""
+    name_or_path = name_or_path or DEFAULT_ENCODER
+    if name_or_path in RANDOM_ENCODERS:
+        directory = build_random_encoder(name_or_path)
+        return EncoderRef(name_or_path, _random_clip_revision(name_or_path), str(directory))
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return EncoderRef(str(path.absolute()), _directory_revision(path), str(path.absolute()))
@@ -95,14 +114,14 @@ def resolve_encoder(name_or_path: str | None = None) -> EncoderRef:
     return EncoderRef(name_or_path, _hub_revision(name_or_path))
 
 
-def build_default_encoder(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Build the default encoder's directory once (idempotent, safe when several processes race).
+def build_random_encoder(name: str = DEFAULT_ENCODER, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Build a built-in encoder's directory once (idempotent, safe when several processes race).
 
     Returns a directory that ``from_pretrained`` loads: the model's config and weights and a
     CLIPImageProcessor config whose resize and crop match the model's input size.
     """
     cache_dir = Path(cache_dir) if cache_dir is not None else timerefine_home() / "encoders"
-    target = cache_dir / f"tiny-clip-random-{_tiny_clip_revision()}"
+    target = cache_dir / f"{name.rpartition('/')[2]}-{_random_clip_revision(name)}"
     if (target / "config.json").is_file():
         return target
 
@@ -112,7 +131,7 @@ def build_default_encoder(cache_dir: str | os.PathLike | None = None) -> Path:
     cache_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tiny-clip-", dir=cache_dir))
     try:
-        config = CLIPVisionConfig(**_TINY_CLIP_CONFIG)
+        config = CLIPVisionConfig(**RANDOM_ENCODERS[name])
         with torch.random.fork_rng():
             torch.manual_seed(_TINY_CLIP_SEED)
             model = CLIPVisionModelWithProjection(config)
@@ -224,8 +243,8 @@ class ClipImageEncoder:
 
         ref = encoder if isinstance(encoder, EncoderRef) else resolve_encoder(encoder)
         source, revision = ref.pretrained_source()
-        if ref.name == DEFAULT_ENCODER and not Path(source).is_dir():
-            source = str(build_default_encoder())  # a node without the driver's cache builds the same model
+        if ref.name in RANDOM_ENCODERS and not Path(source).is_dir():
+            source = str(build_random_encoder(ref.name))  # a node without the driver's cache builds the same
         if threads is not None:
             torch.set_num_threads(threads)
         self.ref = ref
@@ -259,8 +278,8 @@ class ClipImageEncoder:
         return features
 
 
-def _tiny_clip_revision() -> str:
-    recipe = json.dumps({"config": _TINY_CLIP_CONFIG, "seed": _TINY_CLIP_SEED}, sort_keys=True)
+def _random_clip_revision(name: str) -> str:
+    recipe = json.dumps({"config": RANDOM_ENCODERS[name], "seed": _TINY_CLIP_SEED}, sort_keys=True)
     return hashlib.sha256(recipe.encode()).hexdigest()[:12]
 
 

