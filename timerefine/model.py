@@ -311,22 +311,31 @@ class TimeRefineModel(nn.Module):
                 choices = lm_head(hidden).argmax(dim=-1).tolist()  # choices[r][j]: the token after column j
                 heads = self._head_fractions(hidden.reshape(-1, hidden.shape[-1])).reshape(size, span, 2)
                 is_offset = (fed_ids == self.offset_id).tolist()
+                kept = [span] * size  # columns each row keeps; a finished row's were masked when fed
+                head_rows, head_columns = [], []
                 for r in range(size):
                     if finished[r]:
                         continue
                     accepted = 0
                     while accepted < len(draft[r]) and draft[r][accepted] == choices[r][accepted]:
                         accepted += 1
+                    kept[r] = accepted + 1
                     offsets = [j for j in range(first_generated_column, accepted + 1) if is_offset[r][j]]
                     if offsets:
-                        head_fractions[r] = heads[r, offsets[-1]]
-                    attention_mask[r, attention_mask.shape[1] - span + accepted + 1 :] = 0  # the rejected
-                    next_position[r] += accepted + 1
+                        head_rows.append(r)
+                        head_columns.append(offsets[-1])
                     for token in [*draft[r][:accepted], choices[r][accepted]]:
                         generated[r].append(token)
                         if token in stop_ids or len(generated[r]) >= max_new_tokens:
                             finished[r] = True
                             break
+                # One tensor operation each (not one a row): on a GPU every small operation is a launch.
+                kept_columns = torch.tensor(kept, device=self.device)
+                rejected = torch.arange(span, device=self.device) >= kept_columns[:, None]
+                attention_mask[:, -span:] = attention_mask[:, -span:].masked_fill(rejected, 0)
+                next_position += kept_columns  # a finished row's position no longer matters
+                if head_rows:
+                    head_fractions[head_rows] = heads[head_rows, head_columns]
                 if all(finished):
                     break
                 draft, first_generated_column = drafts(), 0
