@@ -1,8 +1,9 @@
-"""Drafts of a TimeRefine answer, for greedy decoding that verifies several tokens per forward pass. A K = 4
-answer is 75 tokens with a digit-per-token tokenizer (Llama, Qwen2, our small default), and decoding one
-token per forward pass made it cost 3.2x to 3.4x the 12-token direct answer on a CPU. Most of those tokens
-carry no information: the grammar fixes ``From <seg_start>``, `` to ``, `` <offset> ``, `` and ``, the
-separators and, for a model trained on rough segments that contain the truth, the signs; and later steps
+"""Drafts of a TimeRefine answer, for greedy decoding that verifies several tokens per forward pass.
+
+A K = 4 answer is 75 tokens with a digit-per-token tokenizer (Llama, Qwen2, our small default), and decoding
+one token per forward pass made it cost 3.2x to 3.4x the 12-token direct answer on a CPU. Most of those
+tokens carry no information: the grammar fixes ``From <seg_start>``, `` to ``, `` <offset> ``, `` and ``,
+the separators and, for a model trained on rough segments that contain the truth, the signs; and later steps
 tend to repeat the previous step's refined segment with zero offsets. ``AnswerDrafter`` writes that expected
 continuation as token ids; ``TimeRefineModel.generate`` feeds it after the model's last token and keeps the
 longest prefix the model itself would have chosen (its argmax at each position), plus the model's own next
