@@ -51,7 +51,7 @@ _TINY_CLIP_CONFIG = {
     "num_attention_heads": 4,
     "projection_dim": 768,
 }
-_TINY_CLIP_SEED = 0
+_RANDOM_CLIP_SEED = 0
 VIT_L_14_ENCODER = "timerefine/random-clip-vit-l-14"
 # The built-in random-weight encoders, by name. ViT-L/14's shape (openai/clip-vit-large-patch14's vision
 # config: 224 px, 14 px patches, 24 layers of width 1024) measures what encoding costs at the paper's size.
@@ -129,11 +129,11 @@ def build_random_encoder(name: str = DEFAULT_ENCODER, cache_dir: str | os.PathLi
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     cache_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-clip-", dir=cache_dir))
+    staging = Path(tempfile.mkdtemp(prefix=f".{name.rpartition('/')[2]}-", dir=cache_dir))
     try:
         config = CLIPVisionConfig(**RANDOM_ENCODERS[name])
         with torch.random.fork_rng():
-            torch.manual_seed(_TINY_CLIP_SEED)
+            torch.manual_seed(_RANDOM_CLIP_SEED)
             model = CLIPVisionModelWithProjection(config)
         model.save_pretrained(staging)
         size = config.image_size
@@ -279,7 +279,7 @@ class ClipImageEncoder:
 
 
 def _random_clip_revision(name: str) -> str:
-    recipe = json.dumps({"config": RANDOM_ENCODERS[name], "seed": _TINY_CLIP_SEED}, sort_keys=True)
+    recipe = json.dumps({"config": RANDOM_ENCODERS[name], "seed": _RANDOM_CLIP_SEED}, sort_keys=True)
     return hashlib.sha256(recipe.encode()).hexdigest()[:12]
 
 

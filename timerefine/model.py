@@ -309,7 +309,6 @@ class TimeRefineModel(nn.Module):
                 span = fed_ids.shape[1]
                 hidden = out.last_hidden_state[:, -span:]
                 choices = lm_head(hidden).argmax(dim=-1).tolist()  # choices[r][j]: the token after column j
-                heads = self._head_fractions(hidden.reshape(-1, hidden.shape[-1])).reshape(size, span, 2)
                 is_offset = (fed_ids == self.offset_id).tolist()
                 kept = [span] * size  # columns each row keeps; a finished row's were masked when fed
                 head_rows, head_columns = [], []
@@ -334,8 +333,8 @@ class TimeRefineModel(nn.Module):
                 rejected = torch.arange(span, device=self.device) >= kept_columns[:, None]
                 attention_mask[:, -span:] = attention_mask[:, -span:].masked_fill(rejected, 0)
                 next_position += kept_columns  # a finished row's position no longer matters
-                if head_rows:
-                    head_fractions[head_rows] = heads[head_rows, head_columns]
+                if head_rows:  # the head reads only the accepted <offset> columns that are a row's last
+                    head_fractions[head_rows] = self._head_fractions(hidden[head_rows, head_columns])
                 if all(finished):
                     break
                 draft, first_generated_column = drafts(), 0
