@@ -41,3 +41,20 @@ def test_evaluate_writes_predictions_and_the_metrics_of_that_file(
     # decoded with drafts, this evaluation token by token: the answers are the same).
     best_val = max(m["val_mIoU"] for m in trained_run.summary["epochs"])
     assert metrics["modes"]["text"]["mIoU"] == pytest.approx(best_val * 8 / 9, abs=0.05)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--batch-size", "0", "--batch-size must be >= 1"),
+        ("--draft-tokens", "-1", "--draft-tokens must be >= 0"),
+    ],
+)
+def test_evaluate_refuses_bad_numbers_before_starting_anything(tmp_path, capsys, option, value, message):
+    args = [
+        "--checkpoint", str(tmp_path / "ckpt"), "--features", str(tmp_path / "features"),
+        "--annotations", str(tmp_path / "a.jsonl"), "--output", str(tmp_path / "out"), option, value,
+    ]  # fmt: skip
+    assert evaluate.main(args) == evaluate.EXIT_UNUSABLE
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
