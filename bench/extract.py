@@ -37,12 +37,12 @@ import pyarrow as pa
 import ray
 import torch
 
+from pipelines.compute import ClusterResources, plan_extraction
 from pipelines.extract_features import add_decoding, add_encoding, add_writing, video_dataset
-from timerefine.compute import ClusterResources, plan_extraction
 from timerefine.data.storage import Storage, video_id_from_uri
 from timerefine.data.synthetic import SynthConfig, generate_benchmark
+from timerefine.decoder import DecodeSettings
 from timerefine.encoders import ClipImageEncoder, resolve_encoder
-from timerefine.features import DecodeSettings
 from timerefine.video import sample_frames
 
 DECODE, ENCODE = "decode only (Ray tasks)", "encode only (Ray actors)"

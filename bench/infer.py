@@ -5,7 +5,7 @@ data, on the same queries and features, in this process with the same torch thre
 slots and the question) is the same for both; only the answer grows, from ``From <seg_start> s to e
 <seg_end>`` (12 tokens with a digit-per-token tokenizer) to K steps of a segment and an offset (75 tokens).
 Each model decodes twice: token by token (``--draft-tokens 0``) and with drafts of the answer's expected
-tokens verified several per forward pass (``timerefine.drafting``); both give the same answers, and the
+tokens verified several per forward pass (``timerefine.grammar``); both give the same answers, and the
 benchmark checks that they do. Passes alternate between the four settings so that a slow spell of a shared
 machine hits them alike.
 
@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+from timerefine.checkpoint import load_checkpoint
 from timerefine.data.annotations import read_annotations
-from timerefine.drafting import DEFAULT_DRAFT_TOKENS
 from timerefine.features import load_features
-from timerefine.model import load_checkpoint
+from timerefine.grammar import DEFAULT_DRAFT_TOKENS
 
 
 def main() -> None:

@@ -1,11 +1,11 @@
 """Ray Train's overhead: samples/s of the training job's loop against a plain PyTorch loop, side by side.
 
-Both loops train the same model (the built-in LLM, full fine-tuning, same seed) on the same data, with the
-same global batch, micro-batch, epochs and torch threads (one: what a Ray worker holding 1 CPU gets), and
-both time the same thing: each epoch's optimisation steps, batching included, validation and checkpoints
-excluded. The Ray Train number is the ``samples_per_s`` the job itself reports from
-``--workers`` workers on a local Ray; the plain loop runs ``timerefine.training``'s pieces in this process.
-Epoch 1 (allocator and kernel warm-up) is left out of both means.
+Both rows run the same function, ``timerefine.loop.train``, on the same model (the built-in LLM, full
+fine-tuning, same seed), data, global batch, micro-batch, epochs and torch threads (one: what a Ray worker
+holding 1 CPU gets): once in this process with the default hooks, once as the training job's Ray Train run
+on ``--workers`` workers of a local Ray. Both report the same thing, each epoch's ``samples_per_s``
+(optimisation steps, batching included; validation and checkpoints excluded). Epoch 1 (allocator and
+kernel warm-up) is left out of both means.
 
 A third row times the raw training step of the same LLM with nothing of ours around it: Hugging Face's own
 loss on random token sequences of ``--raw-tokens`` tokens (about one of our samples: 100 frame slots, the
@@ -41,24 +41,15 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from pipelines import train
+from pipelines.compute import TrainResources
 from timerefine.data.annotations import Query, write_jsonl
 from timerefine.data.storage import Storage
 from timerefine.encoders import resolve_encoder
 from timerefine.features import STATUS_OK, feature_rows_to_table, write_feature_part
 from timerefine.llm import DEFAULT_LLM, load_llm
-from timerefine.model import TimeRefineModel
-from timerefine.training import (
-    BatchPlan,
-    StepTotals,
-    TrainConfig,
-    answer_token_budget,
-    learning_rate,
-    load_training_data,
-    make_optimizer,
-    optimisation_step,
-    training_samples,
-    training_target,
-)
+from timerefine.loop import TrainHooks
+from timerefine.loop import train as train_loop
+from timerefine.training import TrainConfig, load_training_data
 
 
 def main() -> None:
@@ -137,36 +128,10 @@ def write_synthetic(folder: Path, videos: int) -> tuple[str, str]:
 
 
 def plain_loop(config: TrainConfig, device: torch.device) -> list[float]:
-    """The job's epoch loop without Ray: the same pieces, in the same order, in this process."""
+    """The training loop in this process (default hooks: nothing kept), one thread."""
     torch.set_num_threads(1)
-    data = load_training_data(config)
-    schedule = config.parsed_schedule()
-    torch.manual_seed(config.seed)
-    model = TimeRefineModel.from_config(config.model_config(data.feature_dim, data.encoder, 256))
-    targets = [training_target(q, schedule, config.seed, 0) for q in data.train]
-    model.config.max_new_tokens = answer_token_budget(model, targets)
-    model.set_feature_stats(*data.feature_stats())
-    model.to(device)
-    optimizer = make_optimizer(model, config)
-    plan = BatchPlan.create(config.global_batch_size, 1, config.micro_batch_size)
-    total_steps = config.epochs * plan.steps_per_epoch(len(data.train))
-    step, rates = 0, []
-    model.train()
-    for epoch in range(config.epochs):
-        samples = training_samples(data.train, data.features, schedule, config.seed, epoch)
-        totals, started = StepTotals(), time.perf_counter()
-        for global_batch in plan.global_batches(len(samples), config.seed, epoch):
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, total_steps, config)
-            micro_batches = [
-                model.make_batch([samples[i] for i in m]).to(device)
-                for m in plan.micro_batches(global_batch, 0)
-            ]
-            totals += optimisation_step(model, optimizer, micro_batches, plan, config.grad_clip)
-            step += 1
-        _synchronize(device)
-        rates.append(totals.samples / (time.perf_counter() - started))
-    return rates
+    history = train_loop(config, load_training_data(config), TrainHooks(device=device, log=lambda line: None))
+    return [metrics["samples_per_s"] for metrics in history]
 
 
 def raw_step(config: TrainConfig, device: torch.device, tokens: int, steps: int) -> float:
@@ -206,13 +171,13 @@ def ray_train_loop(config: TrainConfig, workers: int, folder: Path, device: torc
 
     ray.init(num_cpus=max(2, workers), include_dashboard=False, ignore_reinit_error=True)
     try:
-        settings = train.RunSettings(
+        job = train.TrainJobConfig(
+            train=config,
             output=str(folder / "runs"),
             name=f"bench-{workers}",
-            workers=workers,
-            gpus_per_worker=1.0 if device.type == "cuda" else 0.0,
+            resources=TrainResources(workers, gpus_per_worker=1.0 if device.type == "cuda" else 0.0),
         )
-        summary = train.fit(config, settings, Storage())
+        summary = train.fit(job, Storage())
     finally:
         ray.shutdown()
     print(json.dumps({"workers": workers, "epochs": [round(m["loss"], 4) for m in summary.epochs]}))

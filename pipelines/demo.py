@@ -2,13 +2,15 @@
 
 ``timerefine demo [--workdir DIR] [--videos N]`` runs the whole pipeline on a local Ray cluster that it
 starts and stops, through the same jobs a user runs one by one (``timerefine synth / extract / train /
-evaluate``), and prints the table every result is judged by: the query-blind priors (the floor), the
-direct baseline (K = 1, no L1 head) and TimeRefine (K = 4 with the L1 head), on the test split, with
-TimeRefine's accuracy after each refinement step. It writes ``report.md`` and ``report.png`` beside the
-benchmark, features, training runs and predictions.
+evaluate``, called here with their configs), and prints the table every result is judged by: the
+query-blind priors (the floor), the direct baseline (K = 1, no L1 head) and TimeRefine (K = 4 with the L1
+head), each on the test split and on the training split (a model far better on train than on test has
+memorised), with TimeRefine's every answer mode and its accuracy after each refinement step. It writes
+``report.md`` and ``report.png`` beside the benchmark, features, training runs and predictions.
 
-The defaults finish in under 10 minutes on a 2-core CPU. Running it again in the same folder reuses what
-is there (videos, features, finished training runs) and only redoes what is missing.
+The two models train at the same time, one Ray Train worker each on half the machine. Running the demo
+again in the same folder reuses what is there (videos, features, finished training runs) and only redoes
+what is missing.
 
 Exit status: 0 when the table was written, 2 when a stage failed (its own message says why).
 """
@@ -16,39 +18,28 @@ Exit status: 0 when the table was written, 2 when a stage failed (its own messag
 from __future__ import annotations
 
 import argparse
+import io
 import json
-import logging
-import os
-import socket
 import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # `python pipelines/demo.py`: run it inside its package
+    import _script  # noqa: F401
 
-EXIT_OK, EXIT_FAILED = 0, 2
+from timerefine.training import TrainConfig
+
+from . import jobs
+from .compute import TrainResources, ray_connection, usable_cpus
+
+NAME = "demo"
 SETTINGS_FILE = "demo.json"
 REPORT_FILE, PLOT_FILE = "report.md", "report.png"
-# What keeps the demo's output to its own progress lines, set for this process and every Ray worker:
-QUIET_ENV = {
-    # no model-loading progress bar from each worker
-    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-    # Ray Train's INFO logs (resources, process group, every checkpoint) are left out; the training
-    # job's own print lines reach the console once
-    "RAY_TRAIN_ENABLE_CONTROLLER_STRUCTURED_LOGGING": "0",
-    "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0",
-    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-    # Ray Data's per-dataset INFO lines (plan, start, finish) and its note that progress bars are off:
-    # the jobs print their own progress
-    "RAY_DATA_LOG_LEVEL": "ERROR",
-    # Not RAY_BACKEND_LOG_LEVEL: it hides Ray core's notice about restartable actors (three lines a demo)
-    # but makes every Ray process announce the level it read (about 25 lines).
-}
 
 
 @dataclass(frozen=True)
@@ -57,105 +48,121 @@ class Model:
 
     name: str
     label: str
-    refine_steps: int
+    schedule: str
     l1_weight: float
 
 
 MODELS = (
-    Model("direct", "direct (K=1)", refine_steps=1, l1_weight=0.0),
-    Model("timerefine", "TimeRefine (K=4, L1 1)", refine_steps=4, l1_weight=1.0),
+    Model("direct", "direct (K=1)", schedule="1", l1_weight=0.0),
+    Model("timerefine", "TimeRefine (K=4, L1 1)", schedule="4", l1_weight=1.0),
 )
 
 
 @dataclass(frozen=True)
-class DemoSettings:
+class DemoConfig:
     """What the results in a workdir depend on; a rerun with other settings needs another workdir."""
 
-    videos: int
-    epochs: int
-    seed: int
-    global_batch_size: int
-    learning_rate: float
+    workdir: str = "runs/demo"
+    videos: int = 400  # synthetic videos, 80 / 10 / 10 train / val / test
+    epochs: int = 24  # training epochs of each model
+    seed: int = 0
+    global_batch_size: int = 8
+    learning_rate: float = TrainConfig.learning_rate
+    cluster: jobs.ClusterOptions = field(default_factory=jobs.ClusterOptions, compare=False)
+
+    def settings(self) -> dict[str, Any]:
+        """The settings recorded in demo.json (what a reused workdir must agree with)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("workdir", "cluster")}
+
+
+@dataclass
+class DemoResult:
+    workdir: Path
+    rows: dict[str, dict[str, Any]]  # table rows: the priors and both models, on test and on train
+    evaluations: dict[str, dict[str, Any]]  # model name -> its test metrics.json
+    durations: dict[str, float]  # stage -> seconds
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = DemoConfig()
+    parser.add_argument("--workdir", default=defaults.workdir, help="where everything is written")
     parser.add_argument(
-        "--workdir", default="runs/demo", help="where everything is written (default: %(default)s)"
+        "--videos", type=int, default=defaults.videos, help="synthetic videos (80/10/10 split)"
     )
-    parser.add_argument("--videos", type=int, default=200, help="synthetic videos, 80/10/10 train/val/test")
-    parser.add_argument("--epochs", type=int, default=8, help="training epochs of each model")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--global-batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="training epochs of each model")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--global-batch-size", type=int, default=defaults.global_batch_size)
+    parser.add_argument(
+        "--learning-rate", "--lr", type=float, default=defaults.learning_rate, help="peak learning rate"
+    )
+    jobs.add_storage_arguments(parser)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the demo; returns the exit status (see the module docstring)."""
-    workdir = Path(args.workdir).resolve()
-    settings = DemoSettings(args.videos, args.epochs, args.seed, args.global_batch_size, args.lr)
-    try:
-        _claim_workdir(workdir, settings)
-    except ValueError as error:
-        print(f"[demo] error: {error}", file=sys.stderr)
-        return EXIT_FAILED
-    _quiet_libraries()
+def config_from_args(args: argparse.Namespace) -> DemoConfig:
+    return DemoConfig(
+        workdir=str(Path(args.workdir).resolve()),
+        videos=args.videos,
+        epochs=args.epochs,
+        seed=args.seed,
+        global_batch_size=args.global_batch_size,
+        learning_rate=args.learning_rate,
+        cluster=jobs.cluster_from_args(args),
+    )
 
-    import ray
 
+def run(config: DemoConfig) -> DemoResult:
+    """Run the demo; raises ``jobs.JobError`` when a stage failed (rerunning continues)."""
+    workdir = Path(config.workdir)
+    _claim_workdir(workdir, config)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"ray\.data\.")  # actor-pool sizing tips
     stages = StageClock()
     print(f"[demo] writing everything to {workdir}", flush=True)
-    dashboard = _start_local_ray()
-    print(f"[demo] local Ray cluster started; its dashboard: http://{dashboard}", flush=True)
-    try:
-        benchmark = stages.run("synthesise the benchmark", lambda: _synthesise(workdir, settings))
-        stages.run("extract features", lambda: _extract(workdir))
-        rows = stages.run("fit the query-blind priors", lambda: _priors(benchmark, settings.seed))
+    with ray_connection(config.cluster) as dashboard:
+        import ray
+
+        if dashboard:
+            print(
+                f"[demo] local Ray cluster started on 127.0.0.1; its dashboard: http://{dashboard}",
+                flush=True,
+            )
+        ray.data.DataContext.get_current().enable_progress_bars = False  # the jobs print their own
+        benchmark = stages.run("synthesise the benchmark", lambda: _synthesise(workdir, config))
+        stages.run("extract features", lambda: _extract(workdir, benchmark, config))
+        rows = stages.run("fit the query-blind priors", lambda: _priors(benchmark, config.seed))
+        checkpoints = stages.run(
+            f"train {' and '.join(m.label for m in MODELS)} at once",
+            lambda: _train_all(workdir, benchmark, config),
+        )
         evaluations = {}
         for model in MODELS:
-            checkpoint = stages.run(
-                f"train {model.label}", lambda m=model: _train(workdir, benchmark, m, settings)
+            evaluations[model.name] = stages.run(
+                f"evaluate {model.label}",
+                lambda m=model: _evaluate(workdir, benchmark, m, checkpoints[m.name], config),
             )
-            evaluations[model] = stages.run(
-                f"evaluate {model.label}", lambda m=model, c=checkpoint: _evaluate(workdir, benchmark, m, c)
-            )
-    except StageFailed as failure:
-        print(f"[demo] error: {failure}; rerun the same command to continue", file=sys.stderr)
-        return EXIT_FAILED
-    finally:
-        ray.shutdown()
-
-    rows |= {model.label: metrics for model, metrics in evaluations.items()}
-    refined = evaluations[MODELS[1]]
-    tables = _tables(rows, refined)
+    for model in MODELS:
+        rows[f"{model.label}: test"] = evaluations[model.name]["test"]
+        rows[f"{model.label}: train"] = evaluations[model.name]["train"]
+    tests = {name: evaluation["test"] for name, evaluation in evaluations.items()}
+    tables = _tables(rows, tests[MODELS[1].name])
     print("\n" + tables, flush=True)
-    _write_report(workdir, settings, rows, evaluations, tables, stages)
+    _write_report(workdir, config, rows, tests, tables, stages)
     print(stages.summary(), flush=True)
     print(
         f"[demo] done: the table, report.md and report.png, the benchmark, features, runs and predictions "
         f"are in {workdir}",
         flush=True,
     )
-    return EXIT_OK
-
-
-def main(argv: list[str] | None = None) -> int:
-    from timerefine.cli import run_job
-
-    return run_job(sys.modules[__name__], argv)
+    return DemoResult(workdir, rows, tests, stages.durations)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Stages
 
 
-class StageFailed(RuntimeError):
-    """A stage's job returned a failure status (it printed why)."""
-
-
 class StageClock:
-    """Announces each stage as ``[demo] 3/7 ...`` and keeps its duration for the summary."""
+    """Announces each stage as ``[demo] 3/6 ...`` and keeps its duration for the summary."""
 
-    TOTAL = 3 + 2 * len(MODELS)
+    TOTAL = 4 + len(MODELS)
 
     def __init__(self) -> None:
         self.durations: dict[str, float] = {}
@@ -186,25 +193,35 @@ class Benchmark:
         return self.folder / f"{name}.jsonl"
 
 
-def _synthesise(workdir: Path, settings: DemoSettings) -> Benchmark:
+def _synthesise(workdir: Path, config: DemoConfig) -> Benchmark:
     from timerefine.data.synthetic import SynthConfig, generate_benchmark
 
     benchmark = Benchmark(workdir / "benchmark")
     if benchmark.split("test").is_file():  # annotations are written last: their presence means complete
         print(f"[demo] reusing {benchmark.folder}", flush=True)
         return benchmark
-    summary = generate_benchmark(benchmark.folder, SynthConfig(videos=settings.videos, seed=settings.seed))
+    summary = generate_benchmark(
+        benchmark.folder, SynthConfig(videos=config.videos, seed=config.seed), progress=False
+    )
     print(f"[demo] {summary.format()}", flush=True)
     return benchmark
 
 
-def _extract(workdir: Path) -> None:
-    from pipelines import extract_features
+def _extract(workdir: Path, benchmark: Benchmark, config: DemoConfig) -> None:
+    from .extract_features import ExtractConfig
+    from .extract_features import run as extract
 
-    argv = ["--input", str(workdir / "benchmark" / "videos"), "--output", str(workdir / "features")]
-    _run_job(
-        extract_features, [*argv, "--videos-per-file", "20", "--progress-every", "20"], "feature extraction"
+    every = max(20, config.videos // 10)
+    job = ExtractConfig(
+        input=str(benchmark.videos),
+        output=str(workdir / "features"),
+        videos_per_file=20,
+        progress_every=every,
+        cluster=config.cluster,
     )
+    result = extract(job)
+    if not result.ok:
+        raise jobs.JobError("feature extraction got no video through")
 
 
 def _priors(benchmark: Benchmark, seed: int) -> dict[str, dict[str, Any]]:
@@ -221,38 +238,55 @@ def _priors(benchmark: Benchmark, seed: int) -> dict[str, dict[str, Any]]:
     return rows
 
 
-def _train(workdir: Path, benchmark: Benchmark, model: Model, settings: DemoSettings) -> str:
-    from pipelines import train
+def _train_all(workdir: Path, benchmark: Benchmark, config: DemoConfig) -> dict[str, str]:
+    """Both models at once, a Ray Train run each with one worker on its share of the CPUs; returns each
+    model's final checkpoint."""
+    from .train import TrainJobConfig
+    from .train import run as train
 
-    argv = [
-        "--features", str(workdir / "features"),
-        "--train", str(benchmark.split("train")), "--val", str(benchmark.split("val")),
-        "--output", str(workdir / "runs"), "--name", model.name,
-        "--refine-steps", str(model.refine_steps), "--l1-weight", str(model.l1_weight),
-        "--epochs", str(settings.epochs), "--global-batch-size", str(settings.global_batch_size),
-        "--lr", str(settings.learning_rate), "--seed", str(settings.seed),
-        "--workers", "1", "--cpus-per-worker", str(_usable_cpus()),
-    ]  # fmt: skip
-    _run_job(train, argv, f"training {model.label}")
-    summary = json.loads((workdir / "runs" / model.name / train.SUMMARY_FILE).read_text())
-    return summary["final_checkpoint"]
+    cpus = max(1, usable_cpus() // len(MODELS))
+    base = TrainConfig(
+        features=str(workdir / "features"),
+        train=str(benchmark.split("train")),
+        val=str(benchmark.split("val")),
+        epochs=config.epochs,
+        global_batch_size=config.global_batch_size,
+        learning_rate=config.learning_rate,
+        seed=config.seed,
+    )
+    runs = {
+        model.name: TrainJobConfig(
+            train=replace(base, schedule=model.schedule, l1_weight=model.l1_weight),
+            output=str(workdir / "runs"),
+            name=model.name,
+            resources=TrainResources(workers=1, cpus_per_worker=cpus),
+            cluster=config.cluster,
+        )
+        for model in MODELS
+    }
+    with ThreadPoolExecutor(max_workers=len(runs)) as pool:  # each thread waits on its Ray Train run
+        results = dict(zip(runs, pool.map(train, runs.values()), strict=True))
+    return {name: result.final_checkpoint for name, result in results.items()}
 
 
-def _evaluate(workdir: Path, benchmark: Benchmark, model: Model, checkpoint: str) -> dict[str, Any]:
-    from pipelines import evaluate
+def _evaluate(
+    workdir: Path, benchmark: Benchmark, model: Model, checkpoint: str, config: DemoConfig
+) -> dict[str, dict[str, Any]]:
+    """The model's metrics on the test split and on the training split."""
+    from .evaluate import EvaluateConfig
+    from .evaluate import run as evaluate
 
-    output = workdir / "eval" / model.name
-    argv = ["--checkpoint", checkpoint, "--features", str(workdir / "features")]
-    argv += ["--annotations", str(benchmark.split("test")), "--output", str(output)]
-    _run_job(evaluate, argv, f"evaluation of {model.label}")
-    return json.loads((output / evaluate.METRICS_FILE).read_text())
-
-
-def _run_job(job, argv: list[str], what: str) -> None:
-    parser = argparse.ArgumentParser(prog=job.__name__)
-    job.add_arguments(parser)
-    if job.run(parser.parse_args(argv)) != 0:
-        raise StageFailed(f"{what} failed")
+    scores = {}
+    for split in ("test", "train"):
+        job = EvaluateConfig(
+            checkpoint=checkpoint,
+            features=str(workdir / "features"),
+            annotations=str(benchmark.split(split)),
+            output=str(workdir / "eval" / model.name / ("" if split == "test" else "train")),
+            cluster=config.cluster,
+        )
+        scores[split] = evaluate(job).metrics
+    return scores
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -261,21 +295,21 @@ def _run_job(job, argv: list[str], what: str) -> None:
 
 def _tables(rows: dict[str, dict[str, Any]], refined: dict[str, Any]) -> str:
     from timerefine.metrics import format_table
-    from tune.report import metric_rows
+    from timerefine.reporting import metric_rows
 
     return (
-        "Test split: query-blind priors, the direct baseline and TimeRefine (text answers)\n"
+        "Query-blind priors, the direct baseline and TimeRefine (text answers), on test and on train\n"
         + format_table(rows)
-        + "\n\nTimeRefine: each answer mode, and the refined segment after each step\n"
+        + "\n\nTimeRefine on test: each answer mode, and the refined segment after each step\n"
         + format_table(metric_rows(refined))
     )
 
 
 def _write_report(
     workdir: Path,
-    settings: DemoSettings,
+    config: DemoConfig,
     rows: dict[str, dict[str, Any]],
-    evaluations: dict[Model, dict[str, Any]],
+    evaluations: dict[str, dict[str, Any]],
     tables: str,
     stages: StageClock,
 ) -> None:
@@ -283,9 +317,10 @@ def _write_report(
     times = "\n".join(f"| {name} | {_duration(seconds)} |" for name, seconds in stages.durations.items())
     text = f"""# timerefine demo
 
-{settings.videos} synthetic videos (80 / 10 / 10 train / val / test), features from the built-in CLIP
-encoder, {settings.epochs} training epochs for each model, scored on the test split (percent). The priors
-never see the query or the frames: a model has learnt grounding only where it beats them.
+{config.videos} synthetic videos (80 / 10 / 10 train / val / test), features from the built-in CLIP
+encoder, {config.epochs} training epochs for each model, scored on the test split and, to show memorising,
+on the training split (percent). The priors never see the query or the frames: a model has learnt
+grounding only where it beats them on test.
 
 ```
 {tables}
@@ -298,93 +333,54 @@ never see the query or the frames: a model has learnt grounding only where it be
 {times}
 
 Files: `benchmark/` (videos and annotations), `features/` (Parquet feature table), `runs/<model>/` (Ray
-Train runs with a checkpoint per epoch), `eval/<model>/` (predictions.jsonl and metrics.json).
+Train runs with a checkpoint per epoch), `eval/<model>/` (test predictions.jsonl and metrics.json;
+`train/` the same on the training split).
 """
     (workdir / REPORT_FILE).write_text(text)
 
 
-def _plot(rows: dict[str, dict[str, Any]], evaluations: dict[Model, dict[str, Any]]) -> bytes:
-    import io
-
+def _plot(rows: dict[str, dict[str, Any]], evaluations: dict[str, dict[str, Any]]) -> bytes:
     from matplotlib.figure import Figure
 
     from timerefine.metrics import METRIC_KEYS
-    from tune.report import plot_step_scores
+    from timerefine.reporting import plot_step_scores
 
     figure = Figure(figsize=(13, 4.5), layout="constrained")
     bars, steps = figure.subplots(1, 2, width_ratios=(1.4, 1))
-    width = 0.8 / len(rows)
+    shown = {name: metrics for name, metrics in rows.items() if not name.endswith(": train")}
+    width = 0.8 / len(shown)
     # Priors in greys (the floor); the models in the colours the step panel gives them (C0, C1).
-    priors = len(rows) - len(evaluations)
+    priors = len(shown) - len(evaluations)
     colours = [f"{0.5 + 0.3 * i / max(1, priors - 1):.2f}" for i in range(priors)]
     colours += [f"C{i}" for i in range(len(evaluations))]
-    for index, (name, metrics) in enumerate(rows.items()):
-        positions = [k + (index - (len(rows) - 1) / 2) * width for k in range(len(METRIC_KEYS))]
+    for index, (name, metrics) in enumerate(shown.items()):
+        positions = [k + (index - (len(shown) - 1) / 2) * width for k in range(len(METRIC_KEYS))]
         bars.bar(positions, [metrics[key] for key in METRIC_KEYS], width, label=name, color=colours[index])
     bars.set_xticks(range(len(METRIC_KEYS)), METRIC_KEYS)
     bars.set_ylabel("test score (%)")
-    bars.set_title("priors, direct baseline and TimeRefine")
+    bars.set_title("priors, direct baseline and TimeRefine (test)")
     bars.legend(fontsize="small")
     bars.grid(axis="y", alpha=0.3)
-    plot_step_scores(steps, {m.label: e["steps"] for m, e in evaluations.items() if e.get("steps")})
+    labels = {m.name: m.label for m in MODELS}
+    plot_step_scores(steps, {labels[name]: e["steps"] for name, e in evaluations.items() if e.get("steps")})
     steps.set_title("after each refinement step (test)")
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
     return buffer.getvalue()
 
 
-def _start_local_ray() -> str:
-    """Start a local Ray on 127.0.0.1 for the demo; returns its dashboard's address.
-
-    Its GCS port is chosen here so that every worker can be told its cluster's address: Ray Train's
-    helpers otherwise look the cluster up by scanning the machine's processes, and fail when another Ray
-    runs beside the demo (a test session, a colleague's cluster).
-    """
-    import ray
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
-    context = ray.init(
-        num_cpus=_usable_cpus(),
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        logging_config=ray.LoggingConfig(log_level="ERROR"),
-        runtime_env={"env_vars": {**QUIET_ENV, "RAY_ADDRESS": f"127.0.0.1:{port}"}},
-    )
-    return context.dashboard_url
-
-
-def _usable_cpus() -> int:
-    """The CPUs this process may run on (``taskset`` and container CPU sets included)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def _claim_workdir(workdir: Path, settings: DemoSettings) -> None:
+def _claim_workdir(workdir: Path, config: DemoConfig) -> None:
     """Record the settings in a new workdir; refuse a workdir whose results came from other settings."""
     path = workdir / SETTINGS_FILE
     if path.is_file():
         stored = json.loads(path.read_text())
-        if stored != asdict(settings):
-            raise ValueError(
+        if stored != config.settings():
+            raise jobs.JobError(
                 f"{workdir} holds a demo run with other settings ({stored}); choose another --workdir"
             )
         return
     workdir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(asdict(settings), indent=2) + "\n")
-
-
-def _quiet_libraries() -> None:
-    """Keep the demo's own progress lines readable: no per-library INFO logs or progress bars."""
-    os.environ.update(QUIET_ENV)
-    # A demo's cluster serves no one else: keep Ray on 127.0.0.1 (read when Ray is first imported).
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"ray\.data\.")  # actor-pool sizing tips
-    logging.basicConfig(level=logging.WARNING, format="%(name)s %(levelname)s %(message)s")
-    import ray.data
-
-    ray.data.DataContext.get_current().enable_progress_bars = False  # the jobs print their own progress
+    path.write_text(json.dumps(config.settings(), indent=2) + "\n")
 
 
 def _duration(seconds: float) -> str:
@@ -393,4 +389,4 @@ def _duration(seconds: float) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(jobs.main(sys.modules[__name__]))

@@ -7,7 +7,8 @@ The stream: list (driver) -> decode (CPU task a video, in a child process with a
 (actor pool, the encoder loaded once per actor) -> write (a Parquet part a batch of videos) -> the
 driver, which counts what was written and prints progress. Videos already in the output are skipped;
 failed ones are retried with ``--retry-errors``. The stages are library functions
-(``timerefine.features``); resources are chosen in ``timerefine.compute``; this file wires them.
+(``timerefine.decoder``, ``timerefine.encoders``, ``timerefine.features``); resources are chosen in
+``pipelines.compute``; this file wires them, and holds the Arrow batches that cross Ray's object store.
 
 Exit status: 0 when at least one video is in the table, 1 when nothing succeeded, 2 when the input or
 output cannot be used (storage errors, a table written with another encoder) or the pipeline failed.
@@ -21,35 +22,96 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-if __package__ in (None, ""):  # run as a script (ray job submit): make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # `python pipelines/extract_features.py` (ray job submit): run it inside its package
+    import _script  # noqa: F401
 
+import numpy as np
 import pyarrow as pa
-import ray
-from ray.data import Dataset
 
-from timerefine.cli import run_job
-from timerefine.compute import ClusterResources, ExtractionCompute, plan_extraction, ray_connection
-from timerefine.data.storage import Storage, StorageError, video_id_from_uri
+from timerefine.data.storage import Storage, video_id_from_uri
+from timerefine.decoder import DecodedVideo, DecodeSettings, decode_video, shared_decoder
 from timerefine.encoders import ClipImageEncoder, ClipPreprocessing, EncoderRef, resolve_encoder
 from timerefine.features import (
-    DECODED_SCHEMA,
     STATUS_ERROR,
     STATUS_OK,
-    WRITTEN_SCHEMA,
-    DecodeSettings,
     committed_statuses,
-    decode_video,
-    encode_videos,
-    shared_decoder,
+    feature_rows_to_table,
     write_feature_part,
 )
 
+from . import jobs
+from .compute import ClusterResources, ExtractionCompute, plan_extraction, ray_connection
+
+if TYPE_CHECKING:
+    from ray.data import Dataset
+
+NAME = "extract"
 logger = logging.getLogger("timerefine.extract")
 
-EXIT_OK, EXIT_NOTHING_SUCCEEDED, EXIT_UNUSABLE = 0, 1, 2
+# What crosses Ray's object store between decoding and encoding. Frames travel as raw bytes, not as a
+# tensor column: an error row has no frames, and a tensor column cannot hold a missing tensor.
+DECODED_SCHEMA = pa.schema(
+    [
+        ("video_id", pa.string()),
+        ("uri", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("duration_s", pa.float64()),
+        ("fps", pa.float64()),
+        ("num_frames", pa.int64()),
+        ("frame_times_s", pa.list_(pa.float32())),
+        ("frames", pa.large_binary()),  # (T, crop, crop, 3) uint8, C order; empty for errors
+    ]
+)
+
+# What the driver reads back from the write stage: enough for progress, resume and the summary.
+WRITTEN_SCHEMA = pa.schema(
+    [("video_id", pa.string()), ("status", pa.string()), ("error", pa.string()), ("part", pa.string())]
+)
+
+
+@dataclass
+class ExtractConfig:
+    input: str  # video folder, s3:// prefix, or text file of URIs
+    output: str  # feature table folder or s3://bucket/prefix
+    encoder: str | None = None  # CLIP hub id or local dir (None: the built-in random-weight CLIP)
+    num_frames: int = 100  # frames sampled per video
+    batch_size: int = 256  # frames per encoder forward pass
+    encoders: int | None = None  # encoder actors (default: per GPU or CPU)
+    gpus_per_encoder: float | None = None  # 0 forces CPU encoders
+    retry_errors: bool = False  # retry videos that failed before
+    decode_timeout: float = 120.0  # seconds per video
+    decode_memory_mb: int = 4096  # decoder memory cap per video
+    videos_per_file: int = 64  # videos per Parquet part file
+    progress_every: int = 50  # print a progress line per N videos
+    cluster: jobs.ClusterOptions = field(default_factory=jobs.ClusterOptions)
+
+    def __post_init__(self) -> None:
+        for name in ("num_frames", "batch_size", "videos_per_file", "progress_every", "decode_memory_mb"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not self.decode_timeout > 0:
+            raise ValueError(
+                f"--decode-timeout must be a positive number of seconds, got {self.decode_timeout}"
+            )
+
+
+@dataclass
+class ExtractResult:
+    """What the table holds for the listed videos after this run."""
+
+    output: str
+    ok: int  # videos with features (extracted now or before)
+    failed: int  # videos with an error row
+    extracted_now: int
+    failures: list[tuple[str, str]]  # (video_id, reason) of this run's failures
+    frames_per_s: float
+
+    @property
+    def exit_code(self) -> int:
+        return jobs.EXIT_OK if self.ok else jobs.EXIT_INCOMPLETE
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,13 +122,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=256, help="frames per encoder forward pass")
     parser.add_argument("--encoders", type=int, default=None, help="encoder actors (default: per GPU or CPU)")
     parser.add_argument("--gpus-per-encoder", type=float, default=None, help="0 forces CPU encoders")
-    parser.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
-    parser.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (or AWS_ENDPOINT_URL)")
     parser.add_argument("--retry-errors", action="store_true", help="retry videos that failed before")
     parser.add_argument("--decode-timeout", type=float, default=120.0, help="seconds per video")
     parser.add_argument("--decode-memory-mb", type=int, default=4096, help="decoder memory cap per video")
     parser.add_argument("--videos-per-file", type=int, default=64, help="videos per Parquet part file")
     parser.add_argument("--progress-every", type=int, default=50, help="print a progress line per N videos")
+    jobs.add_cluster_arguments(parser)
+
+
+def config_from_args(args: argparse.Namespace) -> ExtractConfig:
+    cluster = jobs.cluster_from_args(args)
+    storage = cluster.storage()
+    return ExtractConfig(
+        input=storage.canonical(args.input),
+        output=storage.canonical(args.output),
+        encoder=args.encoder,
+        num_frames=args.num_frames,
+        batch_size=args.batch_size,
+        encoders=args.encoders,
+        gpus_per_encoder=args.gpus_per_encoder,
+        retry_errors=args.retry_errors,
+        decode_timeout=args.decode_timeout,
+        decode_memory_mb=args.decode_memory_mb,
+        videos_per_file=args.videos_per_file,
+        progress_every=args.progress_every,
+        cluster=cluster,
+    )
 
 
 @dataclass
@@ -110,21 +191,17 @@ class Progress:
         return self.counts[STATUS_OK] * self.num_frames / elapsed if elapsed else 0.0
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the extraction; returns the exit status (see the module docstring)."""
-    try:
-        _check_arguments(args)
-        storage = Storage(endpoint_url=args.endpoint_url)
-        encoder = resolve_encoder(args.encoder)
-        preprocessing = ClipPreprocessing.from_pretrained(*encoder.pretrained_source())
-        videos = _list_videos(args.input, storage)
-        statuses, metadata = committed_statuses(args.output, storage)
-        _check_same_extraction(args.output, metadata, encoder, args.num_frames)
-    except (StorageError, ValueError, FileNotFoundError) as error:
-        print(f"[extract] error: {error}", file=sys.stderr)
-        return EXIT_UNUSABLE
+def run(config: ExtractConfig) -> ExtractResult:
+    """Run the extraction; raises ``jobs.JobError`` when the input or output cannot be used or the pipeline
+    failed (what it wrote stays: a rerun resumes)."""
+    storage = config.cluster.storage()
+    encoder = resolve_encoder(config.encoder)
+    preprocessing = ClipPreprocessing.from_pretrained(*encoder.pretrained_source())
+    videos = _list_videos(config.input, storage)
+    statuses, metadata = committed_statuses(config.output, storage)
+    _check_same_extraction(config.output, metadata, encoder, config.num_frames)
 
-    retry = {STATUS_ERROR} if args.retry_errors else set()
+    retry = {STATUS_ERROR} if config.retry_errors else set()
     todo = {
         video_id: uri
         for video_id, uri in videos.items()
@@ -132,41 +209,38 @@ def run(args: argparse.Namespace) -> int:
     }
     skipped = Counter(statuses[video_id] for video_id in videos if video_id not in todo)
     print(
-        f"[extract] {len(videos)} videos in {args.input}: {len(todo)} to extract, "
+        f"[extract] {len(videos)} videos in {config.input}: {len(todo)} to extract, "
         f"{skipped[STATUS_OK]} already done, {skipped[STATUS_ERROR]} failed before"
-        + ("" if args.retry_errors or not skipped[STATUS_ERROR] else " (--retry-errors retries them)"),
+        + ("" if config.retry_errors or not skipped[STATUS_ERROR] else " (--retry-errors retries them)"),
         flush=True,
     )
-    progress = Progress(total=len(todo), every=args.progress_every, num_frames=args.num_frames)
+    progress = Progress(total=len(todo), every=config.progress_every, num_frames=config.num_frames)
     if todo:
+        storage.check_writable(config.output)
+        settings = DecodeSettings.for_encoder(
+            preprocessing,
+            num_frames=config.num_frames,
+            timeout_s=config.decode_timeout,
+            memory_limit_mb=config.decode_memory_mb,
+        )
         try:
-            storage.check_writable(args.output)
-            settings = DecodeSettings.for_encoder(
-                preprocessing,
-                num_frames=args.num_frames,
-                timeout_s=args.decode_timeout,
-                memory_limit_mb=args.decode_memory_mb,
-            )
-            _extract(todo, args, storage, encoder, settings, progress)
-        except StorageError as error:
-            print(f"[extract] error: the output cannot be written: {error}", file=sys.stderr)
-            return EXIT_UNUSABLE
+            _extract(todo, config, storage, encoder, settings, progress)
         except Exception as error:  # a failed Ray job: what is written stays, a rerun resumes
             logger.exception("extraction failed")
-            print(f"[extract] error: the pipeline failed ({error}); rerun to resume", file=sys.stderr)
-            return EXIT_UNUSABLE
+            raise jobs.JobError(f"the pipeline failed ({error}); rerun to resume") from error
 
-    _print_summary(progress, skipped, args)
+    _print_summary(progress, skipped, config)
     missing = len(todo) - progress.done
     if missing:
-        print(f"[extract] error: {missing} videos produced no row; rerun to extract them", file=sys.stderr)
-        return EXIT_UNUSABLE
-    succeeded = progress.counts[STATUS_OK] + skipped[STATUS_OK]
-    return EXIT_OK if succeeded else EXIT_NOTHING_SUCCEEDED
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run_job(sys.modules[__name__], argv)
+        raise jobs.JobError(f"{missing} videos produced no row; rerun to extract them")
+    return ExtractResult(
+        output=config.output,
+        ok=progress.counts[STATUS_OK] + skipped[STATUS_OK],
+        failed=progress.counts[STATUS_ERROR] + (0 if config.retry_errors else skipped[STATUS_ERROR]),
+        extracted_now=progress.counts[STATUS_OK],
+        failures=list(progress.failures),
+        frames_per_s=progress.frames_per_s(),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -182,13 +256,55 @@ class EncodeStage:
         self.batch_size = batch_size
 
     def __call__(self, decoded: pa.Table) -> pa.Table:
-        return encode_videos(self.encoder, decoded, self.num_frames, self.batch_size)
+        return encode_batch(self.encoder, decoded, self.num_frames, self.batch_size)
 
 
 def decode_stage(videos: pa.Table, storage: Storage, settings: DecodeSettings) -> pa.Table:
     decoder = shared_decoder(settings)  # one decoder process per Ray worker, reused across tasks
-    rows = [decode_video(row["video_id"], row["uri"], storage, decoder) for row in videos.to_pylist()]
-    return pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)
+    decoded = [decode_video(row["video_id"], row["uri"], storage, decoder) for row in videos.to_pylist()]
+    return pa.Table.from_pylist([_decoded_row(video) for video in decoded], schema=DECODED_SCHEMA)
+
+
+def _decoded_row(video: DecodedVideo) -> dict:
+    return {
+        "video_id": video.video_id,
+        "uri": video.uri,
+        "status": STATUS_OK if video.ok else STATUS_ERROR,
+        "error": video.error,
+        "duration_s": video.duration_s,
+        "fps": video.fps,
+        "num_frames": video.num_frames,
+        "frame_times_s": video.frame_times_s,
+        "frames": b"" if video.frames is None else video.frames.tobytes(),
+    }
+
+
+def encode_batch(encoder: ClipImageEncoder, decoded: pa.Table, num_frames: int, batch_size: int) -> pa.Table:
+    """Rows of ``DECODED_SCHEMA`` -> rows of the feature table; error rows pass through without features.
+
+    The frames of all videos in ``decoded`` go through the encoder together, ``batch_size`` at a time.
+    If encoding fails, every video of the batch becomes an error row with the reason.
+    """
+    crop = encoder.preprocessing.crop_size
+    rows = decoded.to_pylist()
+    ok = [row for row in rows if row["status"] == STATUS_OK]
+    features: dict[str, np.ndarray] = {}
+    if ok:
+        try:
+            frames = np.concatenate(
+                [
+                    np.frombuffer(row["frames"], dtype=np.uint8).reshape(num_frames, crop, crop, 3)
+                    for row in ok
+                ]
+            )
+            embeds = encoder.encode(frames, batch_size=batch_size).reshape(len(ok), num_frames, encoder.dim)
+            features = {row["video_id"]: embeds[index] for index, row in enumerate(ok)}
+        except Exception as error:  # e.g. GPU out of memory: the batch's videos stay retryable error rows
+            logger.exception("encoding %d videos failed", len(ok))
+            reason = f"encoding failed: {type(error).__name__}: {error}"
+            for row in ok:
+                row.update(status=STATUS_ERROR, error=reason)
+    return feature_rows_to_table(rows, features, num_frames, encoder.dim, encoder.identity)
 
 
 def write_stage(features: pa.Table, output: str, storage: Storage) -> pa.Table:
@@ -199,6 +315,8 @@ def write_stage(features: pa.Table, output: str, storage: Storage) -> pa.Table:
 
 def video_dataset(todo: dict[str, str]) -> Dataset:
     """One block, and so one decode task, a video."""
+    import ray
+
     items = [{"video_id": video_id, "uri": uri} for video_id, uri in todo.items()]
     return ray.data.from_items(items, override_num_blocks=len(items))
 
@@ -255,32 +373,26 @@ def add_writing(
 
 def _extract(
     todo: dict[str, str],
-    args: argparse.Namespace,
+    config: ExtractConfig,
     storage: Storage,
     encoder: EncoderRef,
     settings: DecodeSettings,
     progress: Progress,
 ) -> None:
-    with ray_connection(args.address):
-        compute = plan_extraction(ClusterResources.of_running_cluster(), args.encoders, args.gpus_per_encoder)
+    with ray_connection(config.cluster):
+        compute = plan_extraction(
+            ClusterResources.of_running_cluster(), config.encoders, config.gpus_per_encoder
+        )
         print(f"[extract] {compute.describe()}", flush=True)
         decoded = add_decoding(video_dataset(todo), storage, settings, compute)
-        features = add_encoding(decoded, encoder, settings, compute, args.batch_size)
-        written = add_writing(features, args.output, storage, compute, args.videos_per_file)
+        features = add_encoding(decoded, encoder, settings, compute, config.batch_size)
+        written = add_writing(features, config.output, storage, compute, config.videos_per_file)
         for batch in written.iter_batches(batch_size=None, batch_format="pyarrow"):
             progress.update(batch)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Driver-side checks and reports
-
-
-def _check_arguments(args: argparse.Namespace) -> None:
-    for name in ("num_frames", "batch_size", "videos_per_file", "progress_every", "decode_memory_mb"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if not args.decode_timeout > 0:
-        raise ValueError(f"--decode-timeout must be a positive number of seconds, got {args.decode_timeout}")
 
 
 def _list_videos(input_uri: str, storage: Storage) -> dict[str, str]:
@@ -310,13 +422,13 @@ def _check_same_extraction(output: str, metadata: dict | None, encoder: EncoderR
         )
 
 
-def _print_summary(progress: Progress, skipped: Counter, args: argparse.Namespace) -> None:
+def _print_summary(progress: Progress, skipped: Counter, config: ExtractConfig) -> None:
     elapsed = time.monotonic() - progress.started
     print(
         f"[extract] done in {_duration(elapsed)}: {progress.counts[STATUS_OK]} ok, "
         f"{progress.counts[STATUS_ERROR]} failed, {sum(skipped.values())} skipped "
         f"({skipped[STATUS_OK]} already ok, {skipped[STATUS_ERROR]} failed before); "
-        f"{progress.frames_per_s():.0f} frames/s. Table: {args.output}",
+        f"{progress.frames_per_s():.0f} frames/s. Table: {config.output}",
         flush=True,
     )
     for video_id, reason in progress.failures[:20]:
@@ -334,4 +446,4 @@ def _duration(seconds: float) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(jobs.main(sys.modules[__name__]))

@@ -2,7 +2,7 @@
 
 Two doors, one job: ``timerefine predict ...`` and ``python pipelines/predict.py ...``.
 
-The video goes through the extraction's own stages (``timerefine.features``: sampling in an isolated
+The video goes through the extraction's own stages (``timerefine.decoder``: sampling in an isolated
 decoder process, CLIP preprocessing, the encoder), so its features are made exactly as the training
 features were. The encoder is the one the checkpoint records (``--encoder`` overrides it).
 
@@ -18,19 +18,42 @@ import argparse
 import json
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # `python pipelines/predict.py`: run it inside its package
+    import _script  # noqa: F401
 
 import numpy as np
 
-from timerefine.cli import run_job
-from timerefine.data.storage import Storage, StorageError, video_id_from_uri
+from timerefine.data.storage import Storage, video_id_from_uri
 from timerefine.encoders import RANDOM_ENCODERS, EncoderRef, resolve_encoder
 
-EXIT_OK, EXIT_UNPARSED, EXIT_UNUSABLE = 0, 1, 2
+from . import jobs
+
+NAME = "predict"
+
+
+@dataclass
+class PredictConfig:
+    checkpoint: str  # checkpoint directory (local or s3://)
+    video: str  # video file (local path or s3:// URI)
+    query: str  # the sentence to ground
+    json: bool = False  # print one predictions-format JSON object instead of the description
+    encoder: str | None = None  # CLIP hub id or local dir (default: the checkpoint's encoder)
+    free_decoding: bool = False  # decode without the answer grammar (the paper's)
+    decode_timeout: float = 120.0  # seconds for decoding
+    cluster: jobs.ClusterOptions = field(default_factory=jobs.ClusterOptions)
+
+
+@dataclass
+class PredictResult:
+    record: dict[str, Any]  # one record of the predictions format (``windows`` empty)
+
+    @property
+    def exit_code(self) -> int:
+        return jobs.EXIT_OK if self.record["parsed"] else jobs.EXIT_INCOMPLETE
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,41 +62,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--query", required=True, help="the sentence to ground")
     parser.add_argument("--json", action="store_true", help="print one predictions-format JSON object")
     parser.add_argument("--encoder", help="CLIP hub id or local dir (default: the checkpoint's encoder)")
+    parser.add_argument(
+        "--free-decoding",
+        action="store_true",
+        help="decode without the answer grammar (the paper's behaviour): the answer may then not parse",
+    )
     parser.add_argument("--decode-timeout", type=float, default=120.0, help="seconds for decoding")
-    parser.add_argument("--endpoint-url", help="S3-compatible endpoint (or AWS_ENDPOINT_URL)")
+    jobs.add_storage_arguments(parser)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Predict; returns the exit status (see the module docstring)."""
-    from timerefine.model import load_checkpoint
-    from timerefine.training import fetch_checkpoint
+def config_from_args(args: argparse.Namespace) -> PredictConfig:
+    return PredictConfig(
+        checkpoint=args.checkpoint,
+        video=args.video,
+        query=args.query,
+        json=args.json,
+        encoder=args.encoder,
+        free_decoding=args.free_decoding,
+        decode_timeout=args.decode_timeout,
+        cluster=jobs.cluster_from_args(args),
+    )
 
-    try:
-        storage = Storage(endpoint_url=args.endpoint_url)
-        with tempfile.TemporaryDirectory(prefix="timerefine-ckpt-") as staging:
-            model = load_checkpoint(fetch_checkpoint(args.checkpoint, storage, Path(staging)))
-        encoder = encoder_for(model.config.encoder, args.encoder)
-        features, duration = encode_video(args.video, encoder, model.config.num_frames, storage, args)
-    except (StorageError, ValueError, FileNotFoundError) as error:
-        print(f"[predict] error: {error}", file=sys.stderr)
-        return EXIT_UNUSABLE
 
-    prediction = model.generate([features], [args.query], [duration])[0]
-    video_id = video_id_from_uri(args.video)
+def run(config: PredictConfig) -> PredictResult:
+    """Predict one query; raises ``jobs.JobError`` when the checkpoint or the video cannot be used."""
+    from timerefine.checkpoint import fetch_checkpoint, load_checkpoint
+
+    storage = config.cluster.storage()
+    with tempfile.TemporaryDirectory(prefix="timerefine-ckpt-") as staging:
+        model = load_checkpoint(fetch_checkpoint(config.checkpoint, storage, Path(staging)))
+    encoder = encoder_for(model.config.encoder, config.encoder)
+    features, duration = encode_video(
+        config.video, encoder, model.config.num_frames, storage, config.decode_timeout
+    )
+    prediction = model.generate([features], [config.query], [duration], constrained=not config.free_decoding)
+    video_id = video_id_from_uri(config.video)
     record = {
         "qid": video_id,
         "video_id": video_id,
-        "query": args.query,
+        "query": config.query,
         "duration": duration,
         "windows": [],
-        **prediction,
+        **prediction[0],
     }
-    print(json.dumps(record) if args.json else describe(record))
-    return EXIT_OK if prediction["parsed"] else EXIT_UNPARSED
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run_job(sys.modules[__name__], argv)
+    print(json.dumps(record) if config.json else describe(record))
+    return PredictResult(record)
 
 
 def encoder_for(recorded: str | None, override: str | None) -> EncoderRef:
@@ -96,39 +129,23 @@ def encoder_for(recorded: str | None, override: str | None) -> EncoderRef:
 
 
 def encode_video(
-    uri: str, encoder_ref: EncoderRef, num_frames: int, storage: Storage, args: argparse.Namespace
+    uri: str, encoder_ref: EncoderRef, num_frames: int, storage: Storage, timeout_s: float
 ) -> tuple[np.ndarray, float]:
-    """(num_frames, dim) features of the video and its duration in seconds, made as the extraction makes
-    them."""
-    import pyarrow as pa
-
+    """(num_frames, dim) features of the video and its duration in seconds, made by the extraction's own
+    per-video stages (so exactly as the training features were)."""
+    from timerefine.decoder import DecodeSettings, IsolatedDecoder, decode_video
     from timerefine.encoders import ClipImageEncoder
-    from timerefine.features import (
-        DECODED_SCHEMA,
-        STATUS_OK,
-        DecodeSettings,
-        IsolatedDecoder,
-        decode_video,
-        encode_videos,
-    )
 
     encoder = ClipImageEncoder(encoder_ref)
-    settings = DecodeSettings.for_encoder(
-        encoder.preprocessing, num_frames=num_frames, timeout_s=args.decode_timeout
-    )
+    settings = DecodeSettings.for_encoder(encoder.preprocessing, num_frames=num_frames, timeout_s=timeout_s)
     decoder = IsolatedDecoder(settings)
     try:
         decoded = decode_video(video_id_from_uri(uri), uri, storage, decoder)
     finally:
         decoder.close()
-    if decoded["status"] != STATUS_OK:
-        raise ValueError(f"cannot decode {uri}: {decoded['error']}")
-    table = encode_videos(encoder, pa.Table.from_pylist([decoded], schema=DECODED_SCHEMA), num_frames, 256)
-    row = table.to_pylist()[0]
-    if row["status"] != STATUS_OK:
-        raise ValueError(f"cannot encode {uri}: {row['error']}")
-    features = table.column("features").combine_chunks().to_numpy_ndarray()[0]
-    return features, float(decoded["duration_s"])
+    if not decoded.ok:
+        raise jobs.JobError(f"cannot decode {uri}: {decoded.error}")
+    return encoder.encode(decoded.frames), float(decoded.duration_s)
 
 
 def describe(record: dict[str, Any]) -> str:
@@ -141,12 +158,14 @@ def describe(record: dict[str, Any]) -> str:
         lines.append("moment: none (the answer did not parse; it counts as a miss)")
     for index, (start, end) in enumerate(record["steps"], start=1):
         lines.append(f"  after step {index}: {start:.2f} s to {end:.2f} s")
-    for mode in ("pred_head", "pred_fused"):
-        if record[mode] is not None:
+    for mode in ("pred_head", "pred_fused", "pred_frames"):
+        if record.get(mode) is not None:
             lines.append(f"{mode.removeprefix('pred_')}: {record[mode][0]:.2f} s to {record[mode][1]:.2f} s")
     lines.append(f"answer: {record['text']}")
+    if record.get("off_grammar"):
+        lines.append("(the model's own choice left the answer grammar; decoding kept it inside)")
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(jobs.main(sys.modules[__name__]))

@@ -129,6 +129,23 @@ def test_score_per_mode_counts_absent_answers_as_misses():
     assert modes["head"] == {"n": 5, "R1@0.3": 40.0, "R1@0.5": 40.0, "R1@0.7": 20.0, "mIoU": 30.0}
 
 
+def test_the_frames_answer_is_a_mode_and_grammar_overrules_are_counted(tmp_path):
+    predictions, queries = hand_case()
+    predictions[0] = Prediction("q1", (0.0, 10.0), pred_frames=(0.0, 10.0), off_grammar=False)
+    predictions[2] = Prediction("q3", (5.0, 15.0), pred_frames=(0.0, 6.0), off_grammar=True)
+    metrics = score(predictions, queries)
+    assert metrics["modes"]["frames"]["mIoU"] == round((1 + 0.6) / 5 * 100, 2)
+    assert metrics["off_grammar"] == 1
+    assert "off_grammar" not in score(hand_case()[0], queries)  # free decoding says nothing of it
+    record = {"qid": "q1", "pred": [0, 10], "pred_frames": [1, 9], "off_grammar": True}
+    path = write_lines(tmp_path / "p.jsonl", [json.dumps(record)])
+    (read,) = read_predictions(path)
+    assert read.pred_frames == (1.0, 9.0) and read.off_grammar is True
+    path = write_lines(tmp_path / "bad.jsonl", [json.dumps(record | {"off_grammar": "yes"})])
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1: field 'off_grammar'"):
+        read_predictions(path)
+
+
 def test_score_per_step_counts_shorter_traces_as_misses():
     predictions, queries = hand_case()
     steps = score(predictions, queries)["steps"]

@@ -14,8 +14,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from timerefine.batching import Sample
+from timerefine.checkpoint import load_checkpoint, save_checkpoint
 from timerefine.llm import TinyLlmSpec, packaged_smollm2_gguf, tiny_llm_dir
-from timerefine.model import ModelConfig, TimeRefineModel, fit_feature_stats, load_checkpoint, save_checkpoint
+from timerefine.model import ModelConfig, TimeRefineModel, fit_feature_stats
 from timerefine.timecodec import SPECIAL_TOKENS, Schedule, make_target, parse_answer
 
 FEATURE_DIM = 24
@@ -158,7 +159,7 @@ def test_loss_is_finite_with_and_without_offsets_and_the_head_always_gets_a_grad
         model.zero_grad()
         loss, parts = model(model.make_batch(_samples(k=k)))
         loss.backward()
-        assert set(parts) == {"loss", "ce", "l1", "num_offsets"}
+        assert set(parts) == {"loss", "ce", "l1", "frame", "num_offsets"}
         assert parts["num_offsets"].item() == expected_offsets
         assert torch.isfinite(loss) and parts["ce"].item() > 0
         assert model.head.weight.grad is not None and torch.isfinite(model.head.weight.grad).all()
@@ -192,7 +193,7 @@ def test_head_l1_and_cross_entropy_match_a_hand_computation(small_llm: str) -> N
     assert parts["l1"].item() == pytest.approx(expected_l1, rel=1e-6)
     # Cross-entropy on the answer tokens, as transformers' own causal-LM loss computes it.
     reference = model.causal_lm(
-        inputs_embeds=model._embed(batch),
+        inputs_embeds=model.embed(batch),
         attention_mask=batch.attention_mask,
         position_ids=batch.position_ids,
         labels=batch.labels,

@@ -5,6 +5,7 @@ from hypothesis import strategies as st
 
 from timerefine.timecodec import (
     PRESETS,
+    QUESTION_FIRST,
     Schedule,
     Step,
     bin_to_time,
@@ -147,6 +148,33 @@ def test_prompt_matches_the_paper():
     )
 
 
+def test_the_question_first_layout_puts_the_frames_after_the_question():
+    assert (
+        format_prompt("The person stirs soup.", QUESTION_FIRST)
+        == "During which frames can we see the person stirs soup?\n<video>"
+    )
+    with pytest.raises(ValueError, match="prompt layout"):
+        format_prompt("x", "frames-last")
+
+
+def test_time_tokens_spell_a_bin_and_a_sign_as_one_token_each():
+    steps = parse_answer(PAPER_EXAMPLE).steps
+    text = format_answer(steps, time_tokens=True)
+    assert text.startswith("From <seg_start><30> to<46><offset><+><05> and<-><06><refine><32> to<44>")
+    assert text.endswith("<35> to<40><offset><+><00> and<-><00><seg_end>")
+    assert parse_answer(text).steps == steps
+    assert (
+        format_answer([Step((35, 40))], direct=True, time_tokens=True)
+        == "From <seg_start><35> to<40><seg_end>"
+    )
+    assert parse_answer("From <seg_start><35> to<40><seg_end>").final_bins == (35, 40)
+    for broken in (
+        "From <seg_start><3> to<40><seg_end>",
+        "From <seg_start><35> to<40><offset><05> and<-><06><seg_end>",
+    ):
+        assert not parse_answer(broken).ok
+
+
 moments = st.tuples(st.floats(0.5, 600, allow_nan=False), st.floats(0, 1), st.floats(0, 1)).map(
     lambda t: (min(t[1], t[2]) * t[0], max(t[1], t[2]) * t[0], t[0])
 )
@@ -159,11 +187,11 @@ schedules = st.one_of(
 
 
 @settings(max_examples=300, deadline=None)
-@given(moment=moments, schedule=schedules, seed=st.integers(0, 2**31))
-def test_targets_round_trip(moment, schedule, seed):
+@given(moment=moments, schedule=schedules, seed=st.integers(0, 2**31), time_tokens=st.booleans())
+def test_targets_round_trip(moment, schedule, seed, time_tokens):
     start, end, duration = moment
     steps = make_steps(start, end, duration, schedule, np.random.default_rng(seed))
-    text = format_answer(steps, direct=schedule.direct)
+    text = format_answer(steps, direct=schedule.direct, time_tokens=time_tokens)
     parsed = parse_answer(text)
     assert parsed.ok, (text, parsed.error)
     assert parsed.steps == steps

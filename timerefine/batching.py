@@ -2,9 +2,10 @@
 
 One row of a batch is ``prompt-before-video | num_frames video slots | prompt-after-video | answer``:
 
-- the prompt is ``format_prompt(query)`` wrapped in the tokenizer's chat template when it has one (Qwen and
-  SmolLM2 instruct models do), else in ``PLAIN_TEMPLATE``; the ``<video>`` placeholder is cut out and
-  replaced by ``num_frames`` slots that the model fills with the adapted frame features;
+- the prompt is ``format_prompt(query, layout)`` wrapped in the tokenizer's chat template when it has one
+  (Qwen and SmolLM2 instruct models do), else in ``PLAIN_TEMPLATE``; the ``<video>`` placeholder (before
+  the question in the paper's video-first layout, after it in question-first) is cut out and replaced by
+  ``num_frames`` slots that the model fills with the adapted frame features;
 - the answer (the training target text, absent at inference) follows directly. Only its tokens are
   labelled, so cross-entropy never trains the model to predict the question; no EOS is appended because
   decoding stops at ``<seg_end>``, the answer's last token;
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from timerefine.timecodec import OFFSET, SPECIAL_TOKENS, VIDEO_PLACEHOLDER, format_prompt
+from timerefine.timecodec import OFFSET, SPECIAL_TOKENS, VIDEO_FIRST, VIDEO_PLACEHOLDER, format_prompt
 
 IGNORE_INDEX = -100  # label of positions that take no part in the cross-entropy (PyTorch's default)
 
@@ -67,9 +68,9 @@ class Batch:
         return self.input_ids.shape[0]
 
 
-def prompt_text(tokenizer: PreTrainedTokenizerBase, query: str) -> str:
+def prompt_text(tokenizer: PreTrainedTokenizerBase, query: str, layout: str = VIDEO_FIRST) -> str:
     """The full prompt as text, ``<video>`` placeholder included, ending where the answer begins."""
-    question = format_prompt(query)
+    question = format_prompt(query, layout)
     if tokenizer.chat_template:
         messages = [{"role": "user", "content": question}]
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -93,8 +94,10 @@ def make_batch(
     *,
     num_frames: int,
     padding_side: Literal["left", "right"] = "right",
+    prompt_layout: str = VIDEO_FIRST,
 ) -> Batch:
-    """Tokenize and pad ``samples`` into one batch (right padding for training, left for generation)."""
+    """Tokenize and pad ``samples`` into one batch (right padding for training, left for generation), with
+    the frames before the question (``video-first``, the paper's) or after it (``question-first``)."""
     if not samples:
         raise ValueError("cannot make a batch of zero samples")
     offset_id = special_token_id(tokenizer, OFFSET)
@@ -104,7 +107,7 @@ def make_batch(
             "the tokenizer has no pad token; load it with timerefine.llm.load_llm, which sets one"
         )
     rows = [
-        _encode(tokenizer, sample, num_frames, pad_id, offset_id, index)
+        _encode(tokenizer, sample, num_frames, pad_id, offset_id, index, prompt_layout)
         for index, sample in enumerate(samples)
     ]
     length = max(len(row.ids) for row in rows)
@@ -144,8 +147,9 @@ def _encode(
     pad_id: int,
     offset_id: int,
     index: int,
+    layout: str,
 ) -> _Row:
-    pieces = prompt_text(tokenizer, sample.query).split(VIDEO_PLACEHOLDER)
+    pieces = prompt_text(tokenizer, sample.query, layout).split(VIDEO_PLACEHOLDER)
     if len(pieces) != 2:
         raise ValueError(
             f"sample {index}: the prompt must hold {VIDEO_PLACEHOLDER} exactly once, but query "

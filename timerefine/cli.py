@@ -1,9 +1,10 @@
 """The ``timerefine`` command: one entry point for every job.
 
-Library commands (convert, score, baseline, synth) run here. Ray jobs live in ``pipelines/`` and ``tune/``
-so that ``ray job submit -- python pipelines/<job>.py`` and ``timerefine <job>`` run the same code: each of
-those modules exposes ``add_arguments(parser)`` and ``run(args) -> exit code``, and is imported only when
-its subcommand is chosen (so ``timerefine score`` never pays for importing Ray or torch).
+Library commands (convert, score, baseline, synth) run here. The Ray jobs live in ``pipelines/``
+(installed as ``timerefine_jobs``), so that ``ray job submit -- python pipelines/<job>.py`` and
+``timerefine <job>`` run the same code; this module only dispatches to them (``pipelines/jobs.py`` holds
+their protocol), importing a job only when its subcommand is chosen, so ``timerefine score`` never pays
+for importing Ray or torch.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,17 +19,16 @@ from types import ModuleType
 
 # subcommand -> (module, one-line help). The module provides add_arguments(parser) and run(args).
 RAY_JOBS: dict[str, tuple[str, str]] = {
-    "extract": (
-        "pipelines.extract_features",
-        "extract CLIP features from videos (local or s3://) with Ray Data",
-    ),
-    "train": ("pipelines.train", "fine-tune a grounding model with Ray Train (DDP)"),
-    "evaluate": ("pipelines.evaluate", "score a checkpoint on annotations with Ray Data batch inference"),
-    "predict": ("pipelines.predict", "ground one query in one video (local path or s3://)"),
-    "sweep": ("tune.sweep", "sweep refinement schedule x L1 weight with Ray Tune (ASHA)"),
-    "report": ("tune.report", "write report.md and a plot for a finished sweep"),
-    "demo": ("pipelines.demo", "the whole pipeline on synthetic videos, on a local Ray cluster"),
+    "extract": ("extract_features", "extract CLIP features from videos (local or s3://) with Ray Data"),
+    "train": ("train", "fine-tune a grounding model with Ray Train (DDP)"),
+    "evaluate": ("evaluate", "score a checkpoint on annotations with Ray Data batch inference"),
+    "predict": ("predict", "ground one query in one video (local path or s3://)"),
+    "sweep": ("sweep", "sweep refinement schedule x L1 weight with Ray Tune (ASHA)"),
+    "report": ("report", "write report.md and a plot for a finished sweep"),
+    "demo": ("demo", "the whole pipeline on synthetic videos, on a local Ray cluster"),
 }
+# The jobs' package: installed as timerefine_jobs; in a checkout that is not installed, pipelines/.
+JOB_PACKAGES = ("timerefine_jobs", "pipelines")
 
 
 def _add_annotation_args(parser: argparse.ArgumentParser, flag: str, help: str) -> None:
@@ -157,20 +156,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="render processes (0: one per CPU)")
     p.set_defaults(func=cmd_synth)
 
-    for name, (module, help) in RAY_JOBS.items():
-        p = sub.add_parser(name, help=help)
-        p.set_defaults(job_module=module)
+    for name, (_, help) in RAY_JOBS.items():
+        sub.add_parser(name, help=help)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    # Ray jobs own their arguments: parse the subcommand name first, then hand the rest to the job module.
+    # Ray jobs own their arguments: parse the subcommand name first, then hand the rest to the job.
     if argv and argv[0] in RAY_JOBS:
-        module_name, description = RAY_JOBS[argv[0]]
-        module = importlib.import_module(module_name)
-        return run_job(module, argv[1:], prog=f"timerefine {argv[0]}", description=description)
+        module_name = RAY_JOBS[argv[0]][0]
+        package = _job_package()
+        job = importlib.import_module(f"{package.__name__}.{module_name}")
+        return package.jobs.main(job, argv[1:], prog=f"timerefine {argv[0]}")
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
@@ -179,25 +178,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-def run_job(
-    module: ModuleType,
-    argv: Sequence[str] | None = None,
-    prog: str | None = None,
-    description: str | None = None,
-) -> int:
-    """Parse a job module's arguments and run it: the one way both doors (``timerefine <job>`` and
-    ``python pipelines/<job>.py``) start a job, so they log and exit alike.
-
-    Our own loggers speak at INFO; other libraries only from WARNING (Ray configures its own loggers).
-    """
-    parser = argparse.ArgumentParser(
-        prog=prog, description=description or (module.__doc__ or "").split("\n")[0]
-    )
-    module.add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("timerefine").setLevel(logging.INFO)
-    return int(module.run(args) or 0)
+def _job_package() -> ModuleType:
+    for name in JOB_PACKAGES:
+        try:
+            package = importlib.import_module(name)
+            importlib.import_module(f"{name}.jobs")
+            return package
+        except ModuleNotFoundError as error:
+            if error.name not in (name, f"{name}.jobs"):
+                raise
+    raise ModuleNotFoundError(f"none of the job packages {JOB_PACKAGES} is importable: reinstall timerefine")
 
 
 if __name__ == "__main__":

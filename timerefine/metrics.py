@@ -34,7 +34,7 @@ METRIC_KEYS = (*(f"R1@{threshold}" for threshold in THRESHOLDS), "mIoU")
 Window = tuple[float, float]
 
 # Our predictions JSONL names each answer mode by the field that carries it.
-_MODE_FIELDS = {"text": "pred", "head": "pred_head", "fused": "pred_fused"}
+_MODE_FIELDS = {"text": "pred", "head": "pred_head", "fused": "pred_fused", "frames": "pred_frames"}
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,8 @@ class Prediction:
 
     ``parsed`` is False when the model's text answer did not parse; ``pred`` is then a miss whatever it
     holds. ``steps`` is the refinement trace (one segment per step), None when the source has no trace.
+    ``pred_frames`` is the frame relevance head's answer; ``off_grammar`` says whether a constrained
+    decoder had to overrule the model somewhere (None when the source does not say).
     """
 
     qid: str
@@ -52,6 +54,8 @@ class Prediction:
     pred_fused: Window | None = None
     steps: tuple[Window, ...] | None = None
     video_id: str | None = None
+    pred_frames: Window | None = None
+    off_grammar: bool | None = None
 
 
 def temporal_iou(pred: Sequence[float] | None, gt: Sequence[float]) -> float:
@@ -81,32 +85,43 @@ def best_window_iou(pred: Sequence[float] | None, gt_windows: Iterable[Sequence[
 def read_predictions(path: str | Path) -> list[Prediction]:
     """Read a predictions JSONL file, ours or Moment-DETR's, detected from its first record.
 
-    Ours: ``{"qid", "pred": [s, e] | null, "parsed"?, "pred_head"?, "pred_fused"?, "steps"?, ...}``.
-    Moment-DETR: ``{"qid", "vid", "pred_relevant_windows": [[s, e, score], ...]}``, ranked, so the first
-    window is the top-1 answer. A line that does not fit the file's format raises a ValueError naming the
-    file and line, because a silently skipped line would shift every score computed from the file.
+    Ours: ``{"qid", "pred": [s, e] | null, "parsed"?, "pred_head"?, "pred_fused"?, "pred_frames"?,
+    "steps"?, "off_grammar"?, ...}``. Moment-DETR: ``{"qid", "vid", "pred_relevant_windows": [[s, e,
+    score], ...]}``, ranked, so the first window is the top-1 answer. A line that does not fit the file's
+    format raises a ValueError naming the file and line, because a silently skipped line would shift every
+    score computed from the file.
     """
     path = Path(path)
+
+    def records() -> Iterable[tuple[int, Any]]:
+        with path.open(encoding="utf-8") as lines:
+            for line_number, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield line_number, json.loads(line.rstrip())
+                except json.JSONDecodeError as error:
+                    raise ValueError(
+                        f"{path}:{line_number}: invalid JSON at column {error.colno}: {error.msg}"
+                    ) from None
+
+    return parse_predictions(records(), str(path))
+
+
+def parse_predictions(records: Iterable[tuple[int, Any]], source: str) -> list[Prediction]:
+    """Predictions from ``(line number, record)`` pairs, as ``read_predictions`` reads a file's lines;
+    errors name ``source`` and the line."""
     predictions: list[Prediction] = []
     parse_record = None
-    with path.open(encoding="utf-8") as lines:
-        for line_number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line.rstrip())
-            except json.JSONDecodeError as error:
-                raise ValueError(
-                    f"{path}:{line_number}: invalid JSON at column {error.colno}: {error.msg}"
-                ) from None
-            try:
-                if not isinstance(record, dict):
-                    raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-                if parse_record is None:
-                    parse_record = _detect_format(record)
-                predictions.append(parse_record(record))
-            except ValueError as error:
-                raise ValueError(f"{path}:{line_number}: {error}") from None
+    for line_number, record in records:
+        try:
+            if not isinstance(record, dict):
+                raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+            if parse_record is None:
+                parse_record = _detect_format(record)
+            predictions.append(parse_record(record))
+        except ValueError as error:
+            raise ValueError(f"{source}:{line_number}: {error}") from None
     return predictions
 
 
@@ -116,9 +131,11 @@ def score(
     """Score predictions against annotated queries, joined by ``str(qid)``; percentages, two decimals.
 
     Returns ``{"n", "unparsed", "missing", "compat", "R1@0.3", "R1@0.5", "R1@0.7", "mIoU", "modes",
-    "steps"?}``. The top level scores the text answer. ``modes`` always holds ``text`` and adds ``head``
-    and ``fused`` when some prediction carries them. ``steps`` (``"1"``, ``"2"``, ...) appears when some
-    prediction carries a refinement trace; a trace shorter than the longest counts as a miss for the
+    "steps"?, "off_grammar"?}``. The top level scores the text answer. ``modes`` always holds ``text`` and
+    adds ``head``, ``fused`` and ``frames`` when some prediction carries them. ``off_grammar`` counts the
+    answers a constrained decoder kept inside the grammar against the model's own choice (free decoding's
+    unparsed answers are among these), when the predictions say. ``steps`` (``"1"``, ``"2"``, ...) appears
+    when some prediction carries a refinement trace; a trace shorter than the longest counts as a miss for the
     steps it lacks. Every block also holds ``n`` so that any of them can be printed by ``format_table``.
 
     ``n`` is the number of annotated queries: a query with no prediction is a miss counted in
@@ -151,7 +168,8 @@ def score(
         )
 
     answered = prediction_by_qid.values()
-    modes = ["text"] + [m for m in ("head", "fused") if any(_answer(p, m) is not None for p in answered)]
+    optional = ("head", "fused", "frames")
+    modes = ["text"] + [m for m in optional if any(_answer(p, m) is not None for p in answered)]
     traces = [p.steps for p in answered if p.steps is not None]
     step_count = max(len(steps) for steps in traces) if traces else None
 
@@ -180,6 +198,8 @@ def score(
         **_summarise(mode_ious["text"]),
     }
     result["modes"] = {mode: _block(ious) for mode, ious in mode_ious.items()}
+    if any(p.off_grammar is not None for p in answered):
+        result["off_grammar"] = sum(bool(p.off_grammar) for p in answered)
     if step_count is not None:
         result["steps"] = {str(index + 1): _block(ious) for index, ious in enumerate(step_ious)}
     return result
@@ -256,6 +276,9 @@ def _parse_timerefine_record(record: Mapping[str, Any]) -> Prediction:
         steps = tuple(_window(step, f"steps[{index}]") for index, step in enumerate(steps))
         if any(step is None for step in steps):
             raise ValueError("field 'steps' holds a null segment; list only the steps that were decoded")
+    off_grammar = record.get("off_grammar")
+    if off_grammar is not None and not isinstance(off_grammar, bool):
+        raise ValueError(f"field 'off_grammar' must be true, false or absent, got {off_grammar!r}")
     return Prediction(
         qid=qid,
         pred=pred,
@@ -264,6 +287,8 @@ def _parse_timerefine_record(record: Mapping[str, Any]) -> Prediction:
         pred_fused=_window(record.get("pred_fused"), "pred_fused"),
         steps=steps,
         video_id=record.get("video_id"),
+        pred_frames=_window(record.get("pred_frames"), "pred_frames"),
+        off_grammar=off_grammar,
     )
 
 

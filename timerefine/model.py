@@ -11,20 +11,28 @@ Pieces (DESIGN.md section 1):
   embedding rows (input and output) are trained through peft's ``trainable_token_indices``, so a checkpoint
   holds those rows and not the whole embedding matrix;
 - the auxiliary head: Linear(hidden -> 2) + sigmoid on the last hidden state at the input position of every
-  ``<offset>`` token, regressing the ground truth (start / D, end / D).
+  ``<offset>`` token, regressing the ground truth (start / D, end / D);
+- optionally (``frame_loss_weight > 0``) a frame relevance head: Linear(hidden -> 1) on the last hidden state
+  of every frame slot, trained with binary cross-entropy to say whether the frame lies inside the ground
+  truth. In the question-first layout the frames see the question, and this dense signal (100 targets a
+  query instead of a few digit tokens) is what makes a small LLM trained from scratch learn to ground; at
+  inference it gives a fourth answer, ``frames``;
+- optionally, frame time embeddings (``time_embedding``): each frame slot gets, added to its adapted
+  features, the LLM's own embedding of the tokens its bin is written with (``digits``), or a learned vector
+  per frame (``learned``), so that "when" is something the answer can copy.
 
 ``loss, parts = model(batch)`` gives cross-entropy on the answer tokens + ``l1_weight`` * mean L1 of the head
-(a batch without ``<offset>`` adds exactly 0); ``model.generate(features, queries, durations)`` decodes
-greedily and returns the prediction fields of DESIGN.md section 3, in seconds.
+(a batch without ``<offset>`` adds exactly 0) + ``frame_loss_weight`` * the frames' mean BCE;
+``model.generate(features, queries, durations)`` decodes greedily, inside the answer grammar unless asked
+not to, and returns the prediction fields of DESIGN.md section 3, in seconds.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,25 +40,35 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
-from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from timerefine.batching import IGNORE_INDEX, Batch, Sample, make_batch, special_token_id
-from timerefine.drafting import DEFAULT_DRAFT_TOKENS, AnswerDrafter
+from timerefine.grammar import AnswerGrammar
 from timerefine.llm import DEFAULT_LLM, load_llm
-from timerefine.timecodec import NUM_BINS, OFFSET, SEG_END, SPECIAL_TOKENS, parse_answer
+from timerefine.timecodec import (
+    NUM_BINS,
+    OFFSET,
+    PROMPT_LAYOUTS,
+    SEG_END,
+    SIGN_TOKENS,
+    SPECIAL_TOKENS,
+    TIME_TOKENS,
+    VIDEO_FIRST,
+)
 
-CHECKPOINT_FORMAT = 1
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TIME_EMBEDDINGS = ("none", "digits", "learned")
 
 
 @dataclass
 class ModelConfig:
     """Everything needed to rebuild the model; stored in every checkpoint.
 
-    The defaults suit the small default LLM on a CPU (full fine-tuning). The paper's setting is
-    ``lora_r=64`` with the default alpha 128, dropout 0.05 and all linear layers.
+    The defaults are the paper's method and what checkpoints written before an option existed meant
+    (video-first prompt, digits, no frame head, no time embedding); ``TrainConfig`` holds the defaults
+    that train best. The paper's LoRA setting is ``lora_r=64`` with the default alpha 128, dropout 0.05 and
+    all linear layers.
     """
 
     llm: str = DEFAULT_LLM  # what --llm takes: "tiny-llama", a GGUF file or folder, an HF directory, a hub id
@@ -66,10 +84,20 @@ class ModelConfig:
     dtype: str = "float32"  # dtype of the LLM's weights; training on GPU keeps float32 and autocasts
     bf16_autocast: bool = True  # on CUDA, run forward and generate under bfloat16 autocast
     encoder: str | None = None  # the feature encoder (id + revision), recorded for the checkpoint
+    prompt_layout: str = VIDEO_FIRST  # or "question-first": the frames after the question
+    frame_loss_weight: float = 0.0  # weight of the frame relevance BCE; 0: no frame head
+    time_embedding: str = "none"  # "digits" or "learned": tell each frame slot its time
+    time_tokens: bool = False  # write bins and signs as single tokens (<35>, <+>) instead of digits
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.prompt_layout not in PROMPT_LAYOUTS:
+            raise ValueError(f"prompt_layout must be one of {PROMPT_LAYOUTS}, got {self.prompt_layout!r}")
+        if self.time_embedding not in TIME_EMBEDDINGS:
+            raise ValueError(f"time_embedding must be one of {TIME_EMBEDDINGS}, got {self.time_embedding!r}")
+        if self.frame_loss_weight < 0:
+            raise ValueError(f"frame_loss_weight must be >= 0, got {self.frame_loss_weight}")
         if self.lora_r < 0:
             raise ValueError(f"lora_r must be >= 0 (0 trains the whole LLM), got {self.lora_r}")
         self.llm = str(self.llm)
@@ -134,22 +162,29 @@ class VisualAdapter(nn.Module):
 
 
 class TimeRefineModel(nn.Module):
-    """Adapter + causal LM (+ LoRA) + auxiliary head. Build it with ``from_config`` or ``load_checkpoint``."""
+    """Adapter + causal LM (+ LoRA) + auxiliary head (+ frame head). Build it with ``from_config`` or
+    ``load_checkpoint``."""
 
     def __init__(self, config: ModelConfig, llm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
         super().__init__()
         self.config = config
         self.tokenizer = tokenizer
-        token_ids = _add_time_tokens(llm, tokenizer)
+        token_ids = _add_time_tokens(llm, tokenizer, config.time_tokens)
         embeddings = llm.get_input_embeddings().weight
         hidden_size = embeddings.shape[1]
         output_rms = embeddings.detach().float().square().mean().sqrt().item()
         self.adapter = VisualAdapter(config.feature_dim, hidden_size, output_rms)
         self.head = nn.Linear(hidden_size, 2)
+        # Modules that only some configurations have stay absent otherwise, so that checkpoints written
+        # before they existed load unchanged.
+        self.frame_head = nn.Linear(hidden_size, 1) if config.frame_loss_weight > 0 else None
+        self.frame_time: FrameTimeEmbedding | None = None
+        if config.time_embedding != "none":
+            self.frame_time = FrameTimeEmbedding(config, tokenizer, hidden_size, output_rms)
         self.llm = _with_lora(llm, config, token_ids) if config.lora_r > 0 else llm
         self.seg_end_id = special_token_id(tokenizer, SEG_END)
         self.offset_id = special_token_id(tokenizer, OFFSET)
-        self._answer_drafter: tuple[int, AnswerDrafter | None] | None = None
+        self._answer_grammar: tuple[int, AnswerGrammar | None] | None = None
 
     @classmethod
     def from_config(cls, config: ModelConfig, home: Path | None = None) -> TimeRefineModel:
@@ -175,46 +210,71 @@ class TimeRefineModel(nn.Module):
 
     def make_batch(self, samples: Sequence[Sample], padding_side: str = "right") -> Batch:
         return make_batch(
-            self.tokenizer, samples, num_frames=self.config.num_frames, padding_side=padding_side
+            self.tokenizer,
+            samples,
+            num_frames=self.config.num_frames,
+            padding_side=padding_side,
+            prompt_layout=self.config.prompt_layout,
         )
+
+    def answer_grammar(self) -> AnswerGrammar | None:
+        """The token grammar of this model's answers (``timerefine.grammar``), or None when the checkpoint
+        does not say how many steps it answers with or its tokenizer spells bins irregularly."""
+        if self.config.refine_steps is None:
+            return None
+        if self._answer_grammar is None or self._answer_grammar[0] != self.config.refine_steps:
+            steps = self.config.refine_steps
+            self._answer_grammar = (steps, AnswerGrammar.for_tokenizer(self.tokenizer, steps))
+        return self._answer_grammar[1]
 
     # -----------------------------------------------------------------------------------------------------
     # Training
 
     def forward(self, batch: Batch, reduction: str = "mean") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The training loss and its parts (detached): ``loss``, ``ce``, ``l1``, ``num_offsets``.
+        """The training loss and its parts (detached): ``loss``, ``ce``, ``l1``, ``frame``, ``num_offsets``.
 
         Cross-entropy is the mean over the batch's answer tokens; ``l1`` is the mean absolute error over
         every coordinate of every head prediction, and exactly 0 (with zero gradients, so DDP sees every
-        parameter used) when the batch holds no ``<offset>``.
+        parameter used) when the batch holds no ``<offset>``; ``frame`` is the frame head's mean binary
+        cross-entropy over every frame (0 without a frame head).
 
-        ``reduction="sample"`` gives (B,) tensors instead: each sample's mean over its own answer tokens and
-        its own head predictions. A trainer that averages these weights every sample equally, however its
-        batches are cut, which keeps the optimisation independent of the worker count.
+        ``reduction="sample"`` gives (B,) tensors instead: each sample's mean over its own answer tokens, its
+        own head predictions and its own frames. A trainer that averages these weights every sample equally,
+        however its batches are cut, which keeps the optimisation independent of the worker count.
         """
         if reduction not in ("mean", "sample"):
             raise ValueError(f"reduction must be 'mean' or 'sample', got {reduction!r}")
         predicts_answer = batch.labels[:, 1:] != IGNORE_INDEX  # logits at i predict the token at i + 1
         if not predicts_answer.any():
             raise ValueError("the batch has no answer tokens to learn from: give every Sample a target")
-        with self._autocast():
-            hidden = self._run_decoder(self._embed(batch), batch.attention_mask, batch.position_ids)
+        with self.autocast():
+            hidden = self._run_decoder(self.embed(batch), batch.attention_mask, batch.position_ids)
             logits = self.causal_lm.get_output_embeddings()(hidden[:, :-1][predicts_answer])
-            fractions = self._head_fractions(hidden[batch.offset_mask])
+            fractions = self.head_fractions(hidden[batch.offset_mask])
+            frame_logits = self.frame_logits(hidden, batch.video_mask)
         token_ce = F.cross_entropy(logits.float(), batch.labels[:, 1:][predicts_answer], reduction="none")
         targets = batch.window_fractions[:, None, :].expand(-1, batch.offset_mask.shape[1], -1)
         errors = (fractions - targets[batch.offset_mask]).abs()
+        frame_bce = torch.zeros(len(batch), device=hidden.device)
+        if frame_logits is not None:
+            frame_targets = frame_relevance_targets(batch.window_fractions, self.config.num_frames)
+            frame_bce = F.binary_cross_entropy_with_logits(
+                frame_logits, frame_targets, reduction="none"
+            ).mean(dim=1)
         if reduction == "sample":
             ce = _row_means(token_ce, predicts_answer)
             l1 = _row_means(errors.mean(dim=-1), batch.offset_mask)
+            frame = frame_bce
         else:
             ce = token_ce.mean()
             l1 = errors.sum() / max(errors.numel(), 1)
-        loss = ce + self.config.l1_weight * l1
+            frame = frame_bce.mean()
+        loss = ce + self.config.l1_weight * l1 + self.config.frame_loss_weight * frame
         parts = {
             "loss": loss.detach(),
             "ce": ce.detach(),
             "l1": l1.detach(),
+            "frame": frame.detach(),
             "num_offsets": torch.tensor(fractions.shape[0]),
         }
         return loss, parts
@@ -222,148 +282,20 @@ class TimeRefineModel(nn.Module):
     # -----------------------------------------------------------------------------------------------------
     # Inference
 
-    @torch.no_grad()
     def generate(
         self,
         features: Sequence[np.ndarray | torch.Tensor] | torch.Tensor,
         queries: Sequence[str],
         durations: Sequence[float],
-        *,
-        max_new_tokens: int | None = None,
-        max_draft_tokens: int = DEFAULT_DRAFT_TOKENS,
+        **options: Any,
     ) -> list[dict[str, Any]]:
-        """Ground each query in its video by greedy decoding; deterministic, in eval mode.
+        """Ground each query in its video: ``timerefine.generation.generate`` (its options: constrained,
+        max_draft_tokens, max_new_tokens)."""
+        from timerefine.generation import generate
 
-        Per query: ``text`` (the answer up to and including ``<seg_end>``), ``parsed`` (whether it follows
-        the grammar), ``steps`` (every complete step's refined segment), ``pred`` (the text's answer),
-        ``pred_head`` (the head at the last generated ``<offset>``) and ``pred_fused`` (the mean of the two;
-        when only one exists, fused is that one, so a query counts as answered in fused mode whenever either
-        part answered), each [start, end] in seconds or None. A model trained with ``l1_weight = 0`` has no
-        head answer and no fused one: its head never learnt anything.
+        return generate(self, features, queries, durations, **options)
 
-        ``max_draft_tokens``: how many drafted tokens (``timerefine.drafting``) one forward pass may verify;
-        0 decodes one token per pass. It changes the cost, not the answer.
-        """
-        samples = [Sample(f, q, float(d)) for f, q, d in zip(features, queries, durations, strict=True)]
-        batch = self.make_batch(samples, padding_side="left").to(self.device)
-        was_training = self.training
-        self.eval()
-        try:
-            rows, head_fractions = self._greedy_decode(
-                batch, max_new_tokens or self.config.max_new_tokens, max_draft_tokens
-            )
-        finally:
-            self.train(was_training)
-        predictions = []
-        for row, fractions, duration in zip(rows, head_fractions.tolist(), durations, strict=True):
-            text = self.tokenizer.decode(row, skip_special_tokens=False)
-            head = fractions if self.config.l1_weight > 0 else None
-            predictions.append(_prediction(text, head, float(duration)))
-        return predictions
-
-    def _greedy_decode(
-        self, batch: Batch, max_new_tokens: int, max_draft_tokens: int
-    ) -> tuple[list[list[int]], torch.Tensor]:
-        """Each row's generated ids (up to its stop token) and the head's fractions at its last generated
-        ``<offset>`` (NaN when none), decoding from embeddings with the KV cache.
-
-        Every pass feeds each unfinished row its last generated token followed by its draft; the logits at
-        those positions give the model's own choice after each, so the draft's longest prefix that matches
-        them is accepted, with the model's token after it. Rows advance independently: what a row rejects
-        stays in the cache but is masked out of attention, and each row keeps its own position ids.
-        """
-        decoder = self.causal_lm.get_decoder()
-        lm_head = self.causal_lm.get_output_embeddings()
-        embed_tokens = self.causal_lm.get_input_embeddings()
-        drafter = self._drafter() if max_draft_tokens > 0 else None
-        stop_ids = self._stop_ids()
-        size, pad_id = len(batch), self.tokenizer.pad_token_id
-        generated: list[list[int]] = [[] for _ in range(size)]
-        finished = [False] * size
-        head_fractions = torch.full((size, 2), float("nan"), device=self.device)
-
-        def drafts() -> list[list[int]]:
-            budgets = (min(max_draft_tokens, max_new_tokens - len(row) - 1) for row in generated)
-            return [
-                drafter.draft(row, budget) if drafter is not None and not done else []
-                for row, done, budget in zip(generated, finished, budgets, strict=True)
-            ]
-
-        # First pass: the prompt, then the draft of the answer's opening (the same for every row). Column 0
-        # of the verified span is the prompt's last token, not a generated one.
-        draft = drafts()
-        opening = torch.tensor(draft, dtype=torch.long, device=self.device).reshape(size, -1)
-        fed_ids = torch.cat([batch.input_ids[:, -1:], opening], dim=1)
-        next_position = batch.position_ids[:, -1].clone()  # the position of fed_ids[:, 0]
-        drafted = next_position[:, None] + 1 + torch.arange(opening.shape[1], device=self.device)
-        attention_mask = torch.cat([batch.attention_mask, torch.ones_like(opening)], dim=1)
-        with self._autocast():
-            out = decoder(
-                inputs_embeds=torch.cat([self._embed(batch), embed_tokens(opening)], dim=1),
-                attention_mask=attention_mask,
-                position_ids=torch.cat([batch.position_ids, drafted], dim=1),
-                use_cache=True,
-            )
-            first_generated_column = 1
-            while True:
-                span = fed_ids.shape[1]
-                hidden = out.last_hidden_state[:, -span:]
-                choices = lm_head(hidden).argmax(dim=-1).tolist()  # choices[r][j]: the token after column j
-                is_offset = (fed_ids == self.offset_id).tolist()
-                kept = [span] * size  # columns each row keeps; a finished row's were masked when fed
-                head_rows, head_columns = [], []
-                for r in range(size):
-                    if finished[r]:
-                        continue
-                    accepted = 0
-                    while accepted < len(draft[r]) and draft[r][accepted] == choices[r][accepted]:
-                        accepted += 1
-                    kept[r] = accepted + 1
-                    offsets = [j for j in range(first_generated_column, accepted + 1) if is_offset[r][j]]
-                    if offsets:
-                        head_rows.append(r)
-                        head_columns.append(offsets[-1])
-                    for token in [*draft[r][:accepted], choices[r][accepted]]:
-                        generated[r].append(token)
-                        if token in stop_ids or len(generated[r]) >= max_new_tokens:
-                            finished[r] = True
-                            break
-                # One tensor operation each (not one a row): on a GPU every small operation is a launch.
-                kept_columns = torch.tensor(kept, device=self.device)
-                rejected = torch.arange(span, device=self.device) >= kept_columns[:, None]
-                attention_mask[:, -span:] = attention_mask[:, -span:].masked_fill(rejected, 0)
-                next_position += kept_columns  # a finished row's position no longer matters
-                if head_rows:  # the head reads only the accepted <offset> columns that are a row's last
-                    head_fractions[head_rows] = self._head_fractions(hidden[head_rows, head_columns])
-                if all(finished):
-                    break
-                draft, first_generated_column = drafts(), 0
-                width = 1 + max(len(d) for d in draft)
-                fed, valid = [], []
-                for row, row_draft, done in zip(generated, draft, finished, strict=True):
-                    tokens = [] if done else [row[-1], *row_draft]
-                    fed.append(tokens + [pad_id] * (width - len(tokens)))
-                    valid.append([1] * len(tokens) + [0] * (width - len(tokens)))
-                fed_ids = torch.tensor(fed, device=self.device)
-                attention_mask = torch.cat([attention_mask, attention_mask.new_tensor(valid)], dim=1)
-                out = decoder(
-                    inputs_embeds=embed_tokens(fed_ids),
-                    attention_mask=attention_mask,
-                    position_ids=next_position[:, None] + torch.arange(width, device=self.device),
-                    cache=out.cache,
-                    use_cache=True,
-                )
-        return generated, head_fractions
-
-    def _drafter(self) -> AnswerDrafter | None:
-        if self.config.refine_steps is None:
-            return None
-        if self._answer_drafter is None or self._answer_drafter[0] != self.config.refine_steps:
-            steps = self.config.refine_steps
-            self._answer_drafter = (steps, AnswerDrafter.for_tokenizer(self.tokenizer, steps))
-        return self._answer_drafter[1]
-
-    def _stop_ids(self) -> set[int]:
+    def stop_ids(self) -> set[int]:
         # <seg_end> ends an answer; an EOS first means the answer will not parse, so decoding on is wasted.
         eos = self.tokenizer.eos_token_id
         return {self.seg_end_id} | ({eos} if eos is not None else set())
@@ -371,11 +303,15 @@ class TimeRefineModel(nn.Module):
     # -----------------------------------------------------------------------------------------------------
     # Shared pieces
 
-    def _embed(self, batch: Batch) -> torch.Tensor:
-        """Token embeddings with the adapted frame features written into the video slots, in frame order."""
-        embeddings = self.causal_lm.get_input_embeddings()(batch.input_ids)
-        frames = self.adapter(batch.features).to(embeddings.dtype)
-        return embeddings.masked_scatter(batch.video_mask[..., None], frames)
+    def embed(self, batch: Batch) -> torch.Tensor:
+        """Token embeddings with the adapted frame features (plus their time embeddings) written into the
+        video slots, in frame order."""
+        embed_tokens = self.causal_lm.get_input_embeddings()
+        embeddings = embed_tokens(batch.input_ids)
+        frames = self.adapter(batch.features)
+        if self.frame_time is not None:
+            frames = frames + self.frame_time(embed_tokens)
+        return embeddings.masked_scatter(batch.video_mask[..., None], frames.to(embeddings.dtype))
 
     def _run_decoder(
         self, embeddings: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
@@ -388,11 +324,19 @@ class TimeRefineModel(nn.Module):
         )
         return out.last_hidden_state
 
-    def _head_fractions(self, hidden: torch.Tensor) -> torch.Tensor:
+    def head_fractions(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, 2) float32 fractions of the duration from (N, hidden) last hidden states."""
         return torch.sigmoid(self.head(hidden.to(self.head.weight.dtype)).float())
 
-    def _autocast(self) -> AbstractContextManager:
+    def frame_logits(self, hidden: torch.Tensor, video_mask: torch.Tensor) -> torch.Tensor | None:
+        """(B, num_frames) float32 relevance logits from the frame slots' last hidden states, or None
+        without a frame head."""
+        if self.frame_head is None:
+            return None
+        frames = hidden[video_mask].reshape(video_mask.shape[0], self.config.num_frames, -1)
+        return self.frame_head(frames.to(self.frame_head.weight.dtype)).squeeze(-1).float()
+
+    def autocast(self) -> AbstractContextManager:
         if self.device.type == "cuda" and self.config.bf16_autocast:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return nullcontext()
@@ -401,11 +345,16 @@ class TimeRefineModel(nn.Module):
     # Checkpoint state
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The tensors a checkpoint's ``weights.safetensors`` holds: adapter (with its feature statistics) and
-        head, plus in LoRA runs the LoRA matrices and the new tokens' embedding rows. In full fine-tuning the
-        LLM is saved whole, with ``save_pretrained``, beside it."""
+        """The tensors a checkpoint's ``weights.safetensors`` holds: adapter (with its feature statistics),
+        head, and the frame head and time embedding where the model has them, plus in LoRA runs the LoRA
+        matrices and the new tokens' embedding rows. In full fine-tuning the LLM is saved whole, with
+        ``save_pretrained``, beside it."""
         state = {f"adapter.{k}": v for k, v in self.adapter.state_dict().items()}
         state |= {f"head.{k}": v for k, v in self.head.state_dict().items()}
+        for name in ("frame_head", "frame_time"):
+            module = getattr(self, name)
+            if module is not None:
+                state |= {f"{name}.{k}": v for k, v in module.state_dict().items()}
         if not self.full_finetune:
             state |= {f"llm.{k}": p for k, p in self.llm.named_parameters() if p.requires_grad}
         return {k: v.detach().cpu().contiguous() for k, v in state.items()}
@@ -422,15 +371,81 @@ class TimeRefineModel(nn.Module):
         self.load_state_dict(state, strict=False)
 
 
-def _add_time_tokens(llm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Register the four TimeRefine tokens as special tokens (a no-op when present) and make room for them
-    in the embeddings; returns their ids."""
-    tokenizer.add_special_tokens(
-        {"extra_special_tokens": list(SPECIAL_TOKENS)}, replace_extra_special_tokens=False
-    )
+class FrameTimeEmbedding(nn.Module):
+    """What each frame slot is told about its time, added to its adapted features.
+
+    ``digits``: the LLM's own input embedding of the tokens its bin is written with in answers: the time
+    token ``<35>`` when the model has time tokens, else the tens digit's embedding plus the units digit's
+    through a learned matrix (initialised to a random rotation, so that "35" and "53" differ from the
+    start). Copying a frame's time into the answer then needs no new vocabulary. ``learned``: a free vector
+    per frame.
+    """
+
+    def __init__(
+        self, config: ModelConfig, tokenizer: PreTrainedTokenizerBase, hidden_size: int, output_rms: float
+    ) -> None:
+        super().__init__()
+        self.kind = config.time_embedding
+        frames = config.num_frames
+        bins = [min(NUM_BINS - 1, (2 * i + 1) * NUM_BINS // (2 * frames)) for i in range(frames)]
+        self.learned = self.units_mix = None
+        if self.kind == "learned":
+            self.learned = nn.Parameter(torch.randn(frames, hidden_size) * output_rms)
+            return
+        grammar = AnswerGrammar.for_tokenizer(tokenizer, 1)
+        if grammar is None:
+            raise ValueError(
+                "time_embedding 'digits' needs a tokenizer that writes every bin with the same tokens "
+                "(digits one by one, or time tokens); use 'learned' with this LLM"
+            )
+        slots = {
+            slot.kind: pos
+            for pos, slot in reversed(list(enumerate(grammar.template)))
+            if not isinstance(slot, int)
+        }
+        if "bin" in slots:
+            ids = [[grammar.allowed(slots["bin"])[b]] for b in bins]
+        else:
+            tens, units = grammar.allowed(slots["tens"]), grammar.allowed(slots["units"])
+            ids = [[tens[b // 10], units[b % 10]] for b in bins]
+            # A random rotation, not the identity: with the identity "35" and "53" would start out equal.
+            self.units_mix = nn.Linear(hidden_size, hidden_size, bias=False)
+            nn.init.orthogonal_(self.units_mix.weight)
+        self.register_buffer("token_ids", torch.tensor(ids), persistent=False)
+
+    def forward(self, embed_tokens: nn.Module) -> torch.Tensor:
+        """(num_frames, hidden) time embeddings, through the LLM's current input embeddings."""
+        if self.learned is not None:
+            return self.learned
+        embedded = embed_tokens(self.token_ids).float()
+        if self.units_mix is None:
+            return embedded[:, 0]
+        return embedded[:, 0] + self.units_mix(embedded[:, 1])
+
+
+def frame_relevance_targets(window_fractions: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """(B, num_frames) 1.0 where frame i's centre, (i + 0.5) / num_frames of the video, lies in the window
+    (fractions of the duration), else 0.0. A window too short to hold a centre marks the frame nearest to
+    its middle, so that every query has a frame to find."""
+    centres = (torch.arange(num_frames, device=window_fractions.device) + 0.5) / num_frames
+    start, end = window_fractions[:, :1], window_fractions[:, 1:]
+    inside = (centres >= start) & (centres <= end)
+    nearest = ((start + end) / 2 * num_frames).long().clamp(0, num_frames - 1)
+    empty = ~inside.any(dim=1, keepdim=True)
+    inside |= empty & (torch.arange(num_frames, device=window_fractions.device) == nearest)
+    return inside.float()
+
+
+def _add_time_tokens(
+    llm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, time_tokens: bool = False
+) -> list[int]:
+    """Register the four TimeRefine tokens (and, with ``time_tokens``, a token per bin and per sign) as
+    special tokens (a no-op when present) and make room for them in the embeddings; returns their ids."""
+    tokens = list(SPECIAL_TOKENS) + (list(TIME_TOKENS) + list(SIGN_TOKENS) if time_tokens else [])
+    tokenizer.add_special_tokens({"extra_special_tokens": tokens}, replace_extra_special_tokens=False)
     if len(tokenizer) > llm.get_input_embeddings().num_embeddings:
         llm.resize_token_embeddings(len(tokenizer))
-    return [special_token_id(tokenizer, token) for token in SPECIAL_TOKENS]
+    return [special_token_id(tokenizer, token) for token in tokens]
 
 
 def _with_lora(llm: PreTrainedModel, config: ModelConfig, token_ids: list[int]) -> PeftModel:
@@ -458,87 +473,3 @@ def _row_means(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     rows = mask.nonzero()[:, 0]
     sums = values.new_zeros(mask.shape[0]).index_add(0, rows, values)
     return sums / mask.sum(dim=1).clamp(min=1)
-
-
-def _prediction(text: str, head_fractions: list[float] | None, duration: float) -> dict[str, Any]:
-    """The prediction fields; ``head_fractions`` is None for a model without a trained head, which then has
-    neither a head answer nor a fused one (not even the text answer standing in for fused)."""
-    parsed = parse_answer(text)
-    text_segment = parsed.segment_s(duration)
-    head_segment = fused = None
-    if head_fractions is not None and not any(math.isnan(f) for f in head_fractions):
-        head_segment = tuple(sorted(min(max(f, 0.0), 1.0) * duration for f in head_fractions))
-    if text_segment is not None and head_segment is not None:
-        fused = tuple((a + b) / 2 for a, b in zip(text_segment, head_segment, strict=True))
-    elif head_fractions is not None:
-        fused = text_segment or head_segment
-    return {
-        "text": text,
-        "parsed": parsed.ok,
-        "steps": [list(segment) for segment in parsed.trace_s(duration)],
-        "pred": _as_list(text_segment),
-        "pred_head": _as_list(head_segment),
-        "pred_fused": _as_list(fused),
-    }
-
-
-def _as_list(segment: tuple[float, ...] | None) -> list[float] | None:
-    return None if segment is None else list(segment)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-@dataclass
-class _CheckpointMeta:
-    model: dict[str, Any]
-    full_llm: bool  # the LLM is saved whole in llm/ (full fine-tuning); else rebuilt from model["llm"]
-    format: int = CHECKPOINT_FORMAT
-    base_llm: str = ""
-    encoder: str | None = None
-
-
-def save_checkpoint(model: TimeRefineModel, directory: str | Path) -> Path:
-    """Write ``directory`` with ``timerefine.json`` (config, base LLM, encoder), ``weights.safetensors``
-    (``trainable_state_dict``), ``tokenizer/`` and, for full fine-tuning, ``llm/`` (safetensors)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(model.trainable_state_dict(), directory / "weights.safetensors")
-    model.tokenizer.save_pretrained(directory / "tokenizer")
-    if model.full_finetune:
-        model.causal_lm.save_pretrained(directory / "llm")
-    meta = _CheckpointMeta(
-        model=asdict(model.config),
-        full_llm=model.full_finetune,
-        base_llm=model.config.llm,
-        encoder=model.config.encoder,
-    )
-    (directory / "timerefine.json").write_text(json.dumps(asdict(meta), indent=2) + "\n")
-    return directory
-
-
-def load_checkpoint(
-    directory: str | Path, *, device: torch.device | str = "cpu", home: Path | None = None
-) -> TimeRefineModel:
-    """The model ``save_checkpoint`` wrote, in eval mode (call ``.train()`` to resume training). LoRA
-    checkpoints rebuild their base LLM from ``config.llm``, which must still resolve to the same weights (a
-    hub id, a path, a GGUF or the default)."""
-    directory = Path(directory)
-    meta_path = directory / "timerefine.json"
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path} not found: {directory} is not a timerefine checkpoint")
-    meta = _CheckpointMeta(**json.loads(meta_path.read_text()))
-    if meta.format != CHECKPOINT_FORMAT:
-        raise ValueError(
-            f"{meta_path}: checkpoint format {meta.format}, this version reads {CHECKPOINT_FORMAT}"
-        )
-    config = ModelConfig(**meta.model)
-    tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer")
-    if meta.full_llm:
-        llm = AutoModelForCausalLM.from_pretrained(directory / "llm", dtype=config.torch_dtype)
-    else:
-        llm, _ = load_llm(config.llm, dtype=config.torch_dtype, home=home)
-    model = TimeRefineModel(config, llm, tokenizer)
-    model.load_trainable_state_dict(load_file(directory / "weights.safetensors"))
-    return model.to(device).eval()

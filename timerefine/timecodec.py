@@ -14,6 +14,17 @@ Training targets draw step k's rough boundaries from Gaussians around the ground
 direct format: one code path, two settings.
 
 Rounding is Python's ``round`` (half to even), as VTimeLLM's converter does, so bins match its targets.
+
+Two spellings of the same answer exist. Digits (the paper's text, above) suit tokenizers that split numbers
+digit by digit (Llama, Qwen2, our small default), at two tokens a bin. Time tokens write a bin as one token,
+``<35>``, and a sign as ``<+>`` / ``<->``, as the released TimeRefine code does; they make a K = 4 answer
+about a third as long, and each bin one decision of the model instead of two::
+
+    From <seg_start><30> to<46><offset><+><05> and<-><06><refine> ... <seg_end>
+
+The prompt comes in two layouts: the paper's ``video-first`` (``<video>\nDuring which frames ...?``) and
+``question-first`` (the question, then the frames), in which the frames, under causal attention, see the
+question they are to be judged against.
 """
 
 from __future__ import annotations
@@ -30,7 +41,14 @@ SPECIAL_TOKENS = (SEG_START, SEG_END, OFFSET, REFINE)
 VIDEO_PLACEHOLDER = "<video>"
 NUM_BINS = 100
 MAX_OFFSET = NUM_BINS - 1
-PROMPT_TEMPLATE = VIDEO_PLACEHOLDER + "\nDuring which frames can we see {sentence}?"
+QUESTION_TEMPLATE = "During which frames can we see {sentence}?"
+PROMPT_TEMPLATE = VIDEO_PLACEHOLDER + "\n" + QUESTION_TEMPLATE  # the paper's (VTimeLLM's) video-first prompt
+VIDEO_FIRST, QUESTION_FIRST = "video-first", "question-first"
+PROMPT_LAYOUTS = (VIDEO_FIRST, QUESTION_FIRST)
+_LAYOUT_TEMPLATES = {
+    VIDEO_FIRST: PROMPT_TEMPLATE,
+    QUESTION_FIRST: QUESTION_TEMPLATE + "\n" + VIDEO_PLACEHOLDER,
+}
 
 # The paper's schedules (seconds). K = 4 is its default; K = 1 is the direct baseline.
 PRESETS: dict[int, tuple[float, ...]] = {
@@ -44,6 +62,11 @@ PRESETS: dict[int, tuple[float, ...]] = {
 # so that a 3-minute ActivityNet video gets proportionally wide rough segments instead of near-exact ones.
 REFERENCE_DURATION_S = 30.0
 _MAX_REDRAWS = 100
+
+# One token a bin and one a sign, for tokenizers that add them (``--time-tokens``).
+TIME_TOKENS = tuple(f"<{b:02d}>" for b in range(NUM_BINS))
+PLUS_TOKEN, MINUS_TOKEN = "<+>", "<->"
+SIGN_TOKENS = (PLUS_TOKEN, MINUS_TOKEN)
 
 
 def time_to_bin(t: float, duration: float) -> int:
@@ -193,39 +216,60 @@ def _clip_offset(x: int) -> int:
     return max(-MAX_OFFSET, min(MAX_OFFSET, x))
 
 
-def _signed(x: int, zero_sign: str) -> str:
+def _signed(x: int, zero_sign: str, time_tokens: bool = False) -> str:
     sign = zero_sign if x == 0 else ("+" if x > 0 else "-")
+    if time_tokens:
+        return f"<{sign}><{abs(x):02d}>"
     return f"{sign}{abs(x):02d}"
 
 
-def format_answer(steps: Sequence[Step], *, direct: bool = False) -> str:
+def _bin(b: int, time_tokens: bool) -> str:
+    return f"<{b:02d}>" if time_tokens else f"{b:02d}"
+
+
+def format_answer(steps: Sequence[Step], *, direct: bool = False, time_tokens: bool = False) -> str:
     """The answer text. Zero offsets are written ``+00`` at the start and ``-00`` at the end, the signs a
-    contained rough segment always has, so the model sees one spelling per boundary."""
+    contained rough segment always has, so the model sees one spelling per boundary.
+
+    ``time_tokens`` writes bins and signs as single tokens (``<35>``, ``<+>``) and leaves out the spaces
+    beside them, which a tokenizer would spend a token each on."""
+    t = time_tokens
+    gap = "" if t else " "  # between a special token and a bin
     if direct:
         if len(steps) != 1:
             raise ValueError("the direct format has exactly one step")
         s, e = steps[0].refined
-        return f"From {SEG_START} {s:02d} to {e:02d} {SEG_END}"
-    body = f" {REFINE} ".join(
-        f"{st.rough[0]:02d} to {st.rough[1]:02d} {OFFSET} {_signed(st.offset[0], '+')} and "
-        f"{_signed(st.offset[1], '-')}"
+        return f"From {SEG_START}{gap}{_bin(s, t)} to{gap}{_bin(e, t)}{gap}{SEG_END}"
+    body = f"{gap}{REFINE}{gap}".join(
+        f"{_bin(st.rough[0], t)} to{gap}{_bin(st.rough[1], t)}{gap}{OFFSET}{gap}"
+        f"{_signed(st.offset[0], '+', t)} and{gap}{_signed(st.offset[1], '-', t)}"
         for st in steps
     )
-    return f"From {SEG_START} {body} {SEG_END}"
+    return f"From {SEG_START}{gap}{body}{gap}{SEG_END}"
 
 
 def make_target(
-    start_s: float, end_s: float, duration_s: float, schedule: Schedule, rng: np.random.Generator
+    start_s: float,
+    end_s: float,
+    duration_s: float,
+    schedule: Schedule,
+    rng: np.random.Generator,
+    *,
+    time_tokens: bool = False,
 ) -> str:
     """The training answer for a ground-truth moment."""
-    return format_answer(make_steps(start_s, end_s, duration_s, schedule, rng), direct=schedule.direct)
+    steps = make_steps(start_s, end_s, duration_s, schedule, rng)
+    return format_answer(steps, direct=schedule.direct, time_tokens=time_tokens)
 
 
-def format_prompt(sentence: str) -> str:
-    """The question, with the sentence lower-cased and its final period removed (as the paper's data)."""
+def format_prompt(sentence: str, layout: str = VIDEO_FIRST) -> str:
+    """The question, with the sentence lower-cased and its final period removed (as the paper's data), and
+    the ``<video>`` placeholder before it (``video-first``, the paper's) or after it (``question-first``)."""
+    if layout not in _LAYOUT_TEMPLATES:
+        raise ValueError(f"prompt layout must be one of {PROMPT_LAYOUTS}, got {layout!r}")
     sentence = sentence.strip().lower()
     sentence = sentence.removesuffix(".").strip()
-    return PROMPT_TEMPLATE.format(sentence=sentence)
+    return _LAYOUT_TEMPLATES[layout].format(sentence=sentence)
 
 
 @dataclass
@@ -258,8 +302,9 @@ def _bins_to_segment(bins: tuple[int, int], duration: float) -> tuple[float, flo
     return (a, b) if a <= b else (b, a)
 
 
-_NUMBER = r"(\d{1,2})"
-_SIGNED = r"([+-]\d{1,2})"
+# A bin is one or two digits, or a time token; a signed offset is a sign and a bin, either spelling.
+_NUMBER = r"(\d{1,2}|<\d{2}>)"
+_SIGNED = r"((?:[+-]|<[+-]>)\s*(?:\d{1,2}|<\d{2}>))"
 _STEP = re.compile(
     rf"^\s*{_NUMBER}\s*to\s*{_NUMBER}\s*(?:{re.escape(OFFSET)}\s*{_SIGNED}\s*and\s*{_SIGNED})?\s*$"
 )
@@ -289,7 +334,12 @@ def parse_answer(text: str) -> ParsedAnswer:
         s, e, os_, oe = match.groups()
         if os_ is None and len(chunks) > 1:
             return ParsedAnswer(False, steps, f"step {i + 1} has no {OFFSET}")
-        steps.append(Step((int(s), int(e)), (int(os_ or 0), int(oe or 0))))
+        steps.append(Step((_int(s), _int(e)), (_int(os_ or "0"), _int(oe or "0"))))
     if not closed:
         return ParsedAnswer(False, steps, f"truncated: no {SEG_END}")
     return ParsedAnswer(True, steps)
+
+
+def _int(text: str) -> int:
+    """A matched number in either spelling: ``35``, ``<35>``, ``-05``, ``<-><05>``."""
+    return int(re.sub(r"[<>\s]", "", text))

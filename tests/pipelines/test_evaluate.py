@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pipelines import evaluate
+from pipelines import evaluate, jobs
 from timerefine.data.annotations import read_annotations
 from timerefine.metrics import read_predictions, score
 
@@ -21,7 +21,7 @@ def test_evaluate_writes_predictions_and_the_metrics_of_that_file(
         "--annotations", str(tiny_benchmark.annotations), "--output", str(out), "--batch-size", "3",
         "--draft-tokens", "0",  # token by token, while training validated with drafts (below)
     ]  # fmt: skip
-    assert evaluate.main(args) == 0
+    assert jobs.main(evaluate, args) == 0
     printed = capsys.readouterr().out
     assert "skipped 1" in printed and "answer: fused" in printed and "after step 2" in printed
 
@@ -55,6 +55,6 @@ def test_evaluate_refuses_bad_numbers_before_starting_anything(tmp_path, capsys,
         "--checkpoint", str(tmp_path / "ckpt"), "--features", str(tmp_path / "features"),
         "--annotations", str(tmp_path / "a.jsonl"), "--output", str(tmp_path / "out"), option, value,
     ]  # fmt: skip
-    assert evaluate.main(args) == evaluate.EXIT_UNUSABLE
+    assert jobs.main(evaluate, args) == jobs.EXIT_UNUSABLE
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -4,7 +4,6 @@ compute plan it runs with."""
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import subprocess
 import sys
@@ -14,19 +13,20 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 import yaml
 from s3server import prepare_seaweedfs, start_seaweedfs
 
-from pipelines import extract_features
-from timerefine.compute import DECODE_TASK_MEMORY, ClusterResources, plan_extraction
+from pipelines import extract_features, jobs
+from pipelines.compute import DECODE_TASK_MEMORY, ClusterResources, plan_extraction
 from timerefine.data.storage import Storage
-from timerefine.encoders import resolve_encoder
+from timerefine.decoder import DecodeSettings, IsolatedDecoder, decode_video
+from timerefine.encoders import ClipImageEncoder, resolve_encoder
 from timerefine.features import (
     STATUS_ERROR,
     STATUS_OK,
-    DecodeSettings,
     load_features,
     read_feature_table,
     table_metadata,
@@ -38,9 +38,7 @@ BROKEN = ("zero_byte", "truncated", "not_video")
 
 
 def extract(*argv: str) -> int:
-    parser = argparse.ArgumentParser()
-    extract_features.add_arguments(parser)
-    return extract_features.run(parser.parse_args(["--encoders", "1", *argv]))
+    return jobs.main(extract_features, ["--encoders", "1", *argv])
 
 
 def copy_videos(sample_videos: dict[str, Path], names, folder: Path) -> Path:
@@ -291,3 +289,41 @@ def test_decoding_stays_a_task_pool_in_front_of_the_encoder_actors(ray_cluster, 
     physical = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
     assert "ActorPoolMapOperator[MapBatches(EncodeStage)]" in physical
     assert "TaskPoolMapOperator[MapBatches(decode_stage)]" in physical
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The encode stage's Arrow batches, without Ray
+
+NUM_FRAMES = 12
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> ClipImageEncoder:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TIMEREFINE_HOME", str(tmp_path_factory.mktemp("timerefine_home")))
+        return ClipImageEncoder(None, threads=1)
+
+
+def test_encoding_fills_the_feature_schema_and_passes_errors_through(tiny_encoder, sample_videos):
+    paths = [sample_videos["counter_10fps"], sample_videos["not_video"], sample_videos["rotated_90"]]
+    decoder = IsolatedDecoder(DecodeSettings(num_frames=NUM_FRAMES, resize_short=128, crop_size=128))
+    try:
+        videos = [decode_video(path.stem, str(path), Storage(), decoder) for path in paths]
+    finally:
+        decoder.close()
+    decoded = pa.Table.from_pylist(
+        [extract_features._decoded_row(video) for video in videos], schema=extract_features.DECODED_SCHEMA
+    )
+
+    table = extract_features.encode_batch(tiny_encoder, decoded, NUM_FRAMES, batch_size=7)
+
+    assert table.column("video_id").to_pylist() == ["counter_10fps", "not_video", "rotated_90"]
+    assert table.column("status").to_pylist() == [STATUS_OK, STATUS_ERROR, STATUS_OK]
+    assert table.column("encoder").to_pylist() == [tiny_encoder.identity] * 3
+    metadata = table_metadata(table.schema)
+    assert metadata == {"version": 1, "encoder": tiny_encoder.identity, "num_frames": NUM_FRAMES, "dim": 768}
+    features = table.column("features").combine_chunks()
+    assert features.is_null().to_pylist() == [False, True, False]
+    expected = tiny_encoder.encode(videos[2].frames)
+    stored = np.asarray(features.storage[2].as_py(), dtype=np.float16).reshape(NUM_FRAMES, 768)
+    np.testing.assert_allclose(stored, expected, atol=2e-3 * np.abs(expected).max())  # fp16: batch-size noise

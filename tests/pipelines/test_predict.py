@@ -11,24 +11,18 @@ import contextlib
 import io
 import json
 
-import pyarrow as pa
 import pytest
 import torch
 
-from pipelines import predict, train
+from pipelines import jobs, predict, train
+from timerefine.checkpoint import save_checkpoint
 from timerefine.data.annotations import Query, write_jsonl
 from timerefine.data.storage import Storage
+from timerefine.decoder import DecodeSettings, IsolatedDecoder, decode_video
 from timerefine.encoders import ClipImageEncoder, resolve_encoder
-from timerefine.features import (
-    DECODED_SCHEMA,
-    DecodeSettings,
-    IsolatedDecoder,
-    decode_video,
-    encode_videos,
-    write_feature_part,
-)
+from timerefine.features import STATUS_OK, feature_rows_to_table, write_feature_part
 from timerefine.metrics import temporal_iou
-from timerefine.model import ModelConfig, TimeRefineModel, save_checkpoint
+from timerefine.model import ModelConfig, TimeRefineModel
 from timerefine.timecodec import parse_answer
 
 CLIP = "charades_Y1HGC"
@@ -49,9 +43,11 @@ def clip_checkpoint(shared_data, tmp_path_factory) -> str:
         decoder = IsolatedDecoder(DecodeSettings.for_encoder(encoder.preprocessing))
         decoded = decode_video(CLIP, video, Storage(), decoder)
         decoder.close()
-        table = encode_videos(encoder, pa.Table.from_pylist([decoded], schema=DECODED_SCHEMA), 100, 256)
+        row = {"video_id": CLIP, "uri": video, "duration_s": decoded.duration_s, "status": STATUS_OK}
+        features = {CLIP: encoder.encode(decoded.frames)}
+        table = feature_rows_to_table([row], features, 100, encoder.dim, encoder.identity)
         write_feature_part(table, str(folder / "features"), Storage())
-        duration = decoded["duration_s"]
+        duration = decoded.duration_s
         queries = [Query(f"{CLIP}_{i}", CLIP, duration, q, (w,)) for i, (q, w) in enumerate(QUERIES.items())]
         write_jsonl(queries, folder / "clip.jsonl")
         args = [
@@ -60,7 +56,7 @@ def clip_checkpoint(shared_data, tmp_path_factory) -> str:
             "--global-batch-size", "2", "--refine-steps", "2", "--lr", "3e-3",
         ]  # fmt: skip
         with contextlib.redirect_stdout(io.StringIO()):
-            assert train.main(args) == 0
+            assert jobs.main(train, args) == 0
     finally:
         torch.set_num_threads(previous_threads)
     return json.loads((folder / "runs" / "timerefine" / train.SUMMARY_FILE).read_text())["final_checkpoint"]
@@ -71,7 +67,7 @@ def clip_checkpoint(shared_data, tmp_path_factory) -> str:
 def test_predict_finds_the_memorised_moment_in_the_real_clip(clip_checkpoint, shared_data, query, capsys):
     video = shared_data / "videos" / f"{CLIP}.mp4"
     args = ["--checkpoint", clip_checkpoint, "--video", str(video), "--query", query]
-    code = predict.main([*args, "--json"])
+    code = jobs.main(predict, [*args, "--json"])
     record = json.loads(capsys.readouterr().out)
     assert code == 0, record["text"]
     assert record["video_id"] == CLIP and record["qid"] == CLIP and record["query"] == query
@@ -84,7 +80,7 @@ def test_predict_finds_the_memorised_moment_in_the_real_clip(clip_checkpoint, sh
     for mode in ("pred_head", "pred_fused"):
         assert 0 <= record[mode][0] <= record[mode][1] <= record["duration"]
 
-    assert predict.main(args) == 0
+    assert jobs.main(predict, args) == 0
     text = capsys.readouterr().out
     assert f"moment: {start:.2f} s to {end:.2f} s" in text
     assert "after step 1:" in text and "after step 2:" in text
@@ -94,5 +90,5 @@ def test_predict_refuses_a_missing_video(tmp_path, capsys):
     untrained = TimeRefineModel.from_config(ModelConfig(encoder=resolve_encoder(None).identity))
     checkpoint = save_checkpoint(untrained, tmp_path / "checkpoint")
     args = ["--checkpoint", str(checkpoint), "--video", str(tmp_path / "none.mp4"), "--query", "anything"]
-    assert predict.main(args) == 2
+    assert jobs.main(predict, args) == 2
     assert "none.mp4" in capsys.readouterr().err

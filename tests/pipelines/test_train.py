@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines import train
+from pipelines import jobs, train
+from timerefine.checkpoint import load_checkpoint
 from timerefine.data.storage import Storage
-from timerefine.model import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -48,18 +48,18 @@ def test_local_mode_learns_reports_and_checkpoints_every_epoch(tiny_benchmark, t
 def test_bad_inputs_exit_2_with_a_clear_message(tiny_benchmark, tmp_path, capsys):
     missing = tiny_benchmark.train_args(tmp_path, "--workers", "0")
     missing[missing.index("--features") + 1] = str(tmp_path / "nowhere")
-    assert train.main(missing) == 2
+    assert jobs.main(train, missing) == 2
     assert "nowhere: no feature table here" in capsys.readouterr().err
     mismatch = tiny_benchmark.train_args(tmp_path, "--refine-steps", "3", "--sigma", "2", "0")
-    assert train.main(mismatch) == 2
+    assert jobs.main(train, mismatch) == 2
     assert "--refine-steps 3 but --sigma gives 2 values" in capsys.readouterr().err
 
 
 @pytest.mark.integration
 def test_two_gloo_workers_optimise_like_one(tiny_benchmark, tmp_path, ray_cluster, single_threaded_torch):
     common = ("--epochs", "2", "--max-val-queries", "0")
-    assert train.main(tiny_benchmark.train_args(tmp_path / "one", "--workers", "0", *common)) == 0
-    assert train.main(tiny_benchmark.train_args(tmp_path / "two", "--workers", "2", *common)) == 0
+    assert jobs.main(train, tiny_benchmark.train_args(tmp_path / "one", "--workers", "0", *common)) == 0
+    assert jobs.main(train, tiny_benchmark.train_args(tmp_path / "two", "--workers", "2", *common)) == 0
     one = json.loads((tmp_path / "one" / "timerefine" / train.SUMMARY_FILE).read_text())["epochs"]
     two = json.loads((tmp_path / "two" / "timerefine" / train.SUMMARY_FILE).read_text())["epochs"]
     assert [m["epoch"] for m in two] == [1, 2] and [m["step"] for m in two] == [2, 4]

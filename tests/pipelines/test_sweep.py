@@ -17,9 +17,9 @@ import yaml
 from PIL import Image
 from tensorboardX.proto.event_pb2 import Event
 
+from pipelines import jobs, report, sweep
 from timerefine.data.storage import Storage
 from timerefine.timecodec import Schedule
-from tune import report, sweep
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = {name: REPO / "tune" / f"{name}.yaml" for name in ("synthetic", "charades", "activitynet")}
@@ -47,7 +47,7 @@ def from_document(document: dict, base: Path = Path("/data")) -> sweep.SweepConf
 def test_the_shipped_sweep_files_load_and_sweep_the_paper_presets(name):
     config = sweep.load_sweep_config(SHIPPED[name], base=Path("/repo"))
     assert config.name
-    assert all(Path(getattr(config.data, key)).is_absolute() or getattr(config.data, key).startswith("s3://")
+    assert all(Path(config.data[key]).is_absolute() or config.data[key].startswith("s3://")
                for key in ("features", "train", "val"))  # fmt: skip
     ks = {Schedule.parse(spec).k for spec in config.search["schedule"]}
     assert 1 in ks and 4 in ks  # the direct baseline beside the paper's default
@@ -81,7 +81,7 @@ def test_gpu_sweeps_use_the_paper_settings(name):
 def test_synthetic_sweep_fits_a_two_core_cpu():
     config = sweep.load_sweep_config(SHIPPED["synthetic"], base=Path("/repo"))
     assert config.resources.gpus_per_worker == 0
-    assert config.resources.per_trial()["CPU"] <= 2
+    assert config.resources.per_run()["CPU"] <= 2
     assert sweep.max_concurrent_trials(config.resources, {"CPU": 2.0}) >= 1
 
 
@@ -111,8 +111,8 @@ def test_relative_paths_are_taken_from_the_base_and_s3_uris_are_kept(tmp_path):
         data={"features": "s3://bucket/features", "train": "a/train.jsonl", "val": "v.jsonl"}
     )
     config = from_document(document, base=tmp_path)
-    assert config.data.features == "s3://bucket/features"
-    assert config.data.train == str(tmp_path / "a" / "train.jsonl")
+    assert config.data["features"] == "s3://bucket/features"
+    assert config.data["train"] == str(tmp_path / "a" / "train.jsonl")
     assert config.storage == str(tmp_path / "runs" / "sweeps")
 
 
@@ -147,13 +147,13 @@ def test_invalid_yaml_names_the_line(tmp_path):
 
 
 def test_concurrency_follows_what_each_trial_asks_for():
-    cpu = sweep.ResourceSpec(workers=1, cpus_per_worker=1)
+    cpu = sweep.SweepResources(workers=1, cpus_per_worker=1)
     assert sweep.max_concurrent_trials(cpu, {"CPU": 2.0, "memory": 1e10}) == 2
-    assert sweep.max_concurrent_trials(sweep.ResourceSpec(workers=2, cpus_per_worker=1), {"CPU": 2.0}) == 1
-    gpu = sweep.ResourceSpec(workers=4, cpus_per_worker=8, gpus_per_worker=1)
+    assert sweep.max_concurrent_trials(sweep.SweepResources(workers=2, cpus_per_worker=1), {"CPU": 2.0}) == 1
+    gpu = sweep.SweepResources(workers=4, cpus_per_worker=8, gpus_per_worker=1)
     assert sweep.max_concurrent_trials(gpu, {"CPU": 192.0, "GPU": 16.0}) == 4
     assert sweep.max_concurrent_trials(gpu, {"CPU": 16.0, "GPU": 16.0}) == 1  # too few CPUs: one, which waits
-    fixed = sweep.ResourceSpec(workers=4, gpus_per_worker=1, max_concurrent_trials=2)
+    fixed = sweep.SweepResources(workers=4, gpus_per_worker=1, max_concurrent_trials=2)
     assert sweep.max_concurrent_trials(fixed, {"CPU": 8.0}) == 2  # an autoscaling cluster starts empty
 
 
@@ -170,17 +170,17 @@ def test_a_sweep_folder_keeps_the_configuration_it_started_with(tmp_path):
         sweep.claim_sweep_folder(changed, experiment, storage)
 
 
-def test_missing_inputs_stop_the_sweep_before_any_trial(tiny_benchmark, tmp_path, capsys):
+def test_missing_inputs_stop_the_sweep_before_any_trial(sweep_benchmark, tmp_path, capsys):
     document = minimal_document(
         data={
-            "features": str(tiny_benchmark.features),
-            "train": str(tiny_benchmark.train),
+            "features": str(sweep_benchmark.features),
+            "train": str(sweep_benchmark.train),
             "val": "nope.jsonl",
         }
     )
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(document))
     argv = ["--config", str(tmp_path / "sweep.yaml"), "--storage", str(tmp_path / "results")]
-    assert sweep.main(argv) == sweep.EXIT_UNUSABLE
+    assert jobs.main(sweep, argv) == jobs.EXIT_UNUSABLE
     assert "nope.jsonl: no such annotation file (data.val)" in capsys.readouterr().err
     assert not (tmp_path / "results").exists()
 
@@ -239,8 +239,8 @@ def tensorboard_scalars(folder: Path) -> dict[str, list[float]]:
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_a_killed_sweep_continues_without_rerunning_finished_trials(tiny_benchmark, tmp_path, ray_cluster):
-    config_path = write_tiny_sweep(tmp_path, tiny_benchmark)
+def test_a_killed_sweep_continues_without_rerunning_finished_trials(sweep_benchmark, tmp_path, ray_cluster):
+    config_path = write_tiny_sweep(tmp_path, sweep_benchmark)
     experiment = tmp_path / "results" / "tiny"
     argv = [
         sys.executable,

@@ -7,7 +7,7 @@ predictors' plans, and the errors that say what to pass.
 
 import pytest
 
-from timerefine.compute import ClusterResources, plan_extraction, plan_inference
+from pipelines.compute import ClusterResources, plan_extraction, plan_inference
 
 # cluster.yaml right after `ray up`: a head that advertises no CPUs and min_workers 0 everywhere.
 EMPTY_AUTOSCALING_CLUSTER = ClusterResources(cpus=0, gpus=0)

@@ -1,4 +1,8 @@
-"""How Ray runs each stage of a job: strategies, pool sizes, CPUs and GPUs, retries. Decided here only.
+"""Where and how each job runs on Ray: the local cluster, strategies, pools, CPUs and GPUs. Decided here.
+
+A job that starts its own Ray (no ``--address``) starts it on 127.0.0.1 only (``ray_connection``): every
+socket of GCS, raylet, workers, agents and dashboard binds the loopback interface, so a laptop running
+``timerefine extract`` serves nothing to its network.
 
 Feature extraction has three stages with different needs. Decoding is a CPU task a video. Encoding is
 an actor pool, because an encoder is slow to load and should load once per actor; on GPUs, one actor a
@@ -20,7 +24,7 @@ their resources never match.
 
 Ray Data retries a crashed task (and restarts a crashed actor) without limit, so a video that crashes
 its decoder every time would run a job forever (DESIGN.md section 7). Decoding therefore never crashes a
-Ray worker: it runs in a child process (``timerefine.features.IsolatedDecoder``) whose crash, hang or
+Ray worker: it runs in a child process (``timerefine.decoder.IsolatedDecoder``) whose crash, hang or
 memory blow-up becomes an error row. What Ray still retries is the loss of a worker or a node, where
 retrying is right. (Bounding those retries would need ``ray_remote_args``, deprecated in Ray 2.60.)
 
@@ -34,11 +38,14 @@ up, and a cluster with nothing up is an error that says what to pass.
 from __future__ import annotations
 
 import math
+import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
-from ray.data import ActorPoolStrategy, TaskPoolStrategy
+from .jobs import ClusterOptions, job_env
 
 # A decode task's Ray worker (pyarrow, no torch: 190 MB) and its decoder process (210 MB) hold about 400 MB
 # together while decoding a 480x270 clip to 224 px (measured); the rest is headroom for larger videos.
@@ -49,24 +56,75 @@ DECODE_TASK_MEMORY = 512 * 1024 * 1024
 DECODE_NODE_LABEL = {"timerefine.io/role": "decode"}
 
 
+# Read by Ray when it is first imported: with it off, a Ray started here takes 127.0.0.1 as its node's
+# address, and binds its servers there (DESIGN.md section 7). Ray's name for it is about firewall popups.
+_LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def prepare_local_ray(cluster: ClusterOptions) -> None:
+    """Before Ray is imported: keep a Ray this process will start on 127.0.0.1 (a no-op with --address)."""
+    if cluster.address is None:
+        for name, value in _LOOPBACK_ENV.items():
+            os.environ.setdefault(name, value)
+
+
 @contextmanager
-def ray_connection(address: str | None, enabled: bool = True) -> Iterator[None]:
-    """Connect to the Ray cluster at ``address`` (None: start a local one) for the duration of a job.
+def ray_connection(
+    cluster: ClusterOptions, enabled: bool = True, num_cpus: int | None = None
+) -> Iterator[None]:
+    """Connect to the Ray cluster at ``cluster.address`` for the duration of a job, or start a local one
+    on 127.0.0.1 (``num_cpus``: how many CPUs it advertises; default all).
 
     A job called from a process already connected (the demo, a test, a notebook) uses that connection and
     leaves it open; a job that connected itself disconnects at the end, failed or not. ``enabled=False``
     (Ray Train's local mode) connects to nothing.
     """
+    prepare_local_ray(cluster)
     import ray
 
     started = enabled and not ray.is_initialized()
+    dashboard = None
     if started:
-        ray.init(address=address)
+        runtime_env = {"env_vars": job_env(cluster)}
+        if cluster.address is not None:
+            ray.init(address=cluster.address, runtime_env=runtime_env)
+        else:
+            dashboard = _init_local_ray(runtime_env, num_cpus)
     try:
-        yield
+        yield dashboard
     finally:
         if started:
             ray.shutdown()
+
+
+def _init_local_ray(runtime_env: dict[str, Any], num_cpus: int | None) -> str | None:
+    """A local Ray on 127.0.0.1 whose workers know its address.
+
+    Its GCS port is chosen here so that every worker can be told its cluster's address: Ray Train's
+    helpers otherwise look the cluster up by scanning the machine's processes, and fail when another Ray
+    runs beside it (a test session, a colleague's cluster).
+    """
+    import ray
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    env_vars = {**runtime_env["env_vars"], "RAY_ADDRESS": f"127.0.0.1:{port}"}
+    context = ray.init(
+        address="local",
+        num_cpus=num_cpus or usable_cpus(),
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        logging_config=ray.LoggingConfig(log_level="ERROR"),
+        runtime_env={**runtime_env, "env_vars": env_vars},
+    )
+    return context.dashboard_url
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (``taskset`` and container CPU sets included)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -93,6 +151,8 @@ class ClusterResources:
 
 def _actor_pool_args(size: int, num_cpus: float, num_gpus: float) -> dict:
     """``map_batches`` arguments of a fixed-size actor pool; ``num_gpus`` only when it asks for GPUs."""
+    from ray.data import ActorPoolStrategy
+
     args = {"compute": ActorPoolStrategy(size=size), "num_cpus": num_cpus}
     if num_gpus:
         args["num_gpus"] = num_gpus
@@ -173,6 +233,8 @@ class ExtractionCompute:
     shortfall: str | None = None  # what the encoders need beyond what is up now; None: they fit
 
     def decode_args(self) -> dict:
+        from ray.data import TaskPoolStrategy
+
         args = {"compute": TaskPoolStrategy(), "num_cpus": self.decode_num_cpus, "memory": DECODE_TASK_MEMORY}
         if self.decode_label_selector:
             args["label_selector"] = dict(self.decode_label_selector)
@@ -182,6 +244,8 @@ class ExtractionCompute:
         return _actor_pool_args(self.encoders, self.encoder_num_cpus, self.encoder_num_gpus)
 
     def write_args(self) -> dict:
+        from ray.data import TaskPoolStrategy
+
         return {"compute": TaskPoolStrategy(), "num_cpus": self.write_num_cpus}
 
     def describe(self) -> str:
@@ -269,3 +333,61 @@ def plan_inference(
     )
     threads = None if pool.gpus_each else 1
     return InferenceCompute(pool.size, pool.cpus_each, pool.gpus_each, threads, pool.shortfall)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training and sweeps
+
+
+@dataclass
+class TrainResources:
+    """What one training run asks Ray Train for. ``workers = 0`` runs the loop in the driver's process
+    without Ray workers (Ray Train's local mode)."""
+
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0 (0: in this process), got {self.workers}")
+        if self.cpus_per_worker < 0 or self.gpus_per_worker < 0:
+            raise ValueError("cpus_per_worker and gpus_per_worker must be >= 0")
+
+    @property
+    def local_mode(self) -> bool:
+        return self.workers == 0
+
+    def scaling_config(self):
+        """Ray Train's ``ScalingConfig`` for these workers."""
+        from ray.train import ScalingConfig
+
+        resources = {"CPU": self.cpus_per_worker}
+        if self.gpus_per_worker:
+            resources["GPU"] = self.gpus_per_worker
+        return ScalingConfig(
+            num_workers=self.workers, use_gpu=self.gpus_per_worker > 0, resources_per_worker=resources
+        )
+
+    def per_run(self) -> dict[str, float]:
+        """What the whole run's workers reserve together."""
+        need = {"CPU": self.workers * self.cpus_per_worker, "GPU": self.workers * self.gpus_per_worker}
+        return {name: amount for name, amount in need.items() if amount > 0}
+
+
+# A sweep trial's own process only waits for its Train run (the workers reserve the CPUs and GPUs), so it
+# reserves memory, not a CPU: on a 2-core machine a CPU per waiting trial would leave none to train with.
+TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 512 * 1024**2}
+
+
+def max_concurrent_runs(
+    resources: TrainResources, cluster: dict[str, float], limit: int | None = None
+) -> int:
+    """How many training runs of ``resources`` fit in the cluster at once (``limit`` when given; at least 1:
+    a cluster too small for one still gets one, which waits for an autoscaler or fails with Ray's message)."""
+    if limit is not None:
+        return limit
+    fits = [
+        math.floor(cluster.get(name, 0.0) / amount + 1e-9) for name, amount in resources.per_run().items()
+    ]
+    return max(1, min(fits, default=1))

@@ -12,9 +12,9 @@ import pytest
 import yaml
 from PIL import Image
 
+from pipelines import report
 from timerefine.cli import main as timerefine
 from timerefine.data.storage import StorageError
-from tune import report
 
 SEARCH = {"schedule": ["1", "2", "4"], "l1_weight": [0.0, 1.0]}
 

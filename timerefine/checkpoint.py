@@ -1,0 +1,145 @@
+"""Checkpoints: a model's files, and a run's training state beside them. Nothing pickled is ever loaded.
+
+A checkpoint directory (DESIGN.md section 3) holds ``timerefine.json`` (the model config, the base LLM,
+the feature encoder, the format), ``weights.safetensors`` (``TimeRefineModel.trainable_state_dict``),
+``tokenizer/`` and, for full fine-tuning, ``llm/`` (``save_pretrained``). A training run adds the
+optimiser's tensors (``optimizer.safetensors``) and its scalars and the trainer's position
+(``trainer_state.json``), which is what a resumed run continues from.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from timerefine.data.storage import Storage
+from timerefine.llm import load_llm
+from timerefine.model import ModelConfig, TimeRefineModel
+
+CHECKPOINT_FORMAT = 1
+OPTIMIZER_FILE = "optimizer.safetensors"
+TRAINER_STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class _CheckpointMeta:
+    model: dict[str, Any]
+    full_llm: bool  # the LLM is saved whole in llm/ (full fine-tuning); else rebuilt from model["llm"]
+    format: int = CHECKPOINT_FORMAT
+    base_llm: str = ""
+    encoder: str | None = None
+
+
+def save_checkpoint(model: TimeRefineModel, directory: str | Path) -> Path:
+    """Write ``directory`` with ``timerefine.json`` (config, base LLM, encoder), ``weights.safetensors``
+    (``trainable_state_dict``), ``tokenizer/`` and, for full fine-tuning, ``llm/`` (safetensors)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(model.trainable_state_dict(), directory / "weights.safetensors")
+    model.tokenizer.save_pretrained(directory / "tokenizer")
+    if model.full_finetune:
+        model.causal_lm.save_pretrained(directory / "llm")
+    meta = _CheckpointMeta(
+        model=asdict(model.config),
+        full_llm=model.full_finetune,
+        base_llm=model.config.llm,
+        encoder=model.config.encoder,
+    )
+    (directory / "timerefine.json").write_text(json.dumps(asdict(meta), indent=2) + "\n")
+    return directory
+
+
+def load_checkpoint(
+    directory: str | Path, *, device: torch.device | str = "cpu", home: Path | None = None
+) -> TimeRefineModel:
+    """The model ``save_checkpoint`` wrote, in eval mode (call ``.train()`` to resume training). LoRA
+    checkpoints rebuild their base LLM from ``config.llm``, which must still resolve to the same weights (a
+    hub id, a path, a GGUF or the default)."""
+    directory = Path(directory)
+    meta_path = directory / "timerefine.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} not found: {directory} is not a timerefine checkpoint")
+    meta = _CheckpointMeta(**json.loads(meta_path.read_text()))
+    if meta.format != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"{meta_path}: checkpoint format {meta.format}, this version reads {CHECKPOINT_FORMAT}"
+        )
+    config = ModelConfig(**meta.model)
+    tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer")
+    if meta.full_llm:
+        llm = AutoModelForCausalLM.from_pretrained(directory / "llm", dtype=config.torch_dtype)
+    else:
+        llm, _ = load_llm(config.llm, dtype=config.torch_dtype, home=home)
+    model = TimeRefineModel(config, llm, tokenizer)
+    model.load_trainable_state_dict(load_file(directory / "weights.safetensors"))
+    return model.to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training state
+
+
+@dataclass
+class TrainerState:
+    """Where a run stands after an epoch: what a resumed run needs besides weights and optimiser."""
+
+    epoch: int  # epochs completed
+    step: int  # optimiser steps taken
+
+
+def fetch_checkpoint(uri: str, storage: Storage, staging: Path) -> Path:
+    """A local directory with the checkpoint at ``uri``: the directory itself when it is local, else a
+    copy downloaded into ``staging`` (from S3, where Ray Train stores runs on a cluster)."""
+    local = storage.local_path(uri)
+    if local is not None:
+        if not Path(local).is_dir():
+            raise FileNotFoundError(f"checkpoint {uri} is not a directory")
+        return Path(local)
+    filesystem, path = storage.resolve(uri)
+    pafs.copy_files(
+        path, str(staging), source_filesystem=filesystem, destination_filesystem=pafs.LocalFileSystem()
+    )
+    return staging
+
+
+def save_training_state(directory: str | Path, optimizer: torch.optim.Optimizer, state: TrainerState) -> None:
+    """Optimiser tensors in safetensors and everything else in JSON: no pickle, so loading runs no code."""
+    directory = Path(directory)
+    optimizer_state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, values in optimizer_state["state"].items():
+        for name, value in values.items():
+            key = f"{index}.{name}"
+            if isinstance(value, torch.Tensor):
+                tensors[key] = value.detach().cpu().contiguous()
+            else:
+                scalars[key] = value
+    save_file(tensors, directory / OPTIMIZER_FILE)
+    document = {
+        "trainer": asdict(state),
+        "optimizer": {"param_groups": optimizer_state["param_groups"], "scalars": scalars},
+    }
+    (directory / TRAINER_STATE_FILE).write_text(json.dumps(document, indent=2) + "\n")
+
+
+def load_training_state(directory: str | Path, optimizer: torch.optim.Optimizer) -> TrainerState:
+    """Restore the optimiser written by ``save_training_state`` and return the trainer's state."""
+    directory = Path(directory)
+    path = directory / TRAINER_STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {directory} is a model checkpoint without training state")
+    document = json.loads(path.read_text())
+    state: dict[int, dict[str, Any]] = {}
+    entries = {**load_file(directory / OPTIMIZER_FILE), **document["optimizer"]["scalars"]}
+    for key, value in entries.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": document["optimizer"]["param_groups"]})
+    return TrainerState(**document["trainer"])
