@@ -1,82 +1,200 @@
-"""Feature-extraction throughput: each stage alone, the Ray pipeline, and a sequential loop, side by side.
+"""Feature-extraction throughput against the work it does: in-process rates, each Ray stage alone, the
+pipeline, ``timerefine extract`` end to end and a user's plain loop, side by side on the same videos.
 
-On the same synthetic videos and the same encoder, in one run:
+In one run on the same synthetic videos (built-in encoder unless ``--encoder``), for each ``--videos``:
 
-- ``decode only``: the pipeline's decode stage (CPU tasks, a child process each) with nothing after it;
-- ``encode only``: the encoder actor pool fed frames decoded beforehand;
-- ``pipeline``: the job's full dataset (decode -> encode -> write Parquet), as ``timerefine extract`` runs it;
-- ``sequential``: one process decodes a video, encodes it, and moves to the next (VTimeLLM's way), with
-  torch's default threads, the same decoding (in-process) and the same encoder.
+- in process, pinned to one core: decoding (the decoder's own sampling, resize and crop) and encoding
+  (``ClipImageEncoder``, one torch thread) per video, on an even sample of up to 64 of the videos;
+- the work bound: cores / (decode s + encode s per video), what the cores could do with no overhead;
+- each Ray stage alone: decode tasks (frames into the object store), and encoder actors fed frames
+  decoded beforehand, as a GPU cluster runs them;
+- the pipeline: the job's Ray Data dataset as this machine's plan builds it (on CPUs, decoding and
+  encoding in one actor a core), writing Parquet;
+- ``timerefine extract`` end to end (a fresh process: Python, Ray's start, workers, writing) and the peak
+  memory of its process tree (PSS: shared object-store pages counted once);
+- the plain loop (bench/plain_loop.py: decord, linspace, centre crop, transformers at 2 torch threads,
+  one process), end to end the same way;
 
-Throughput is videos over wall-clock time. Each Ray run includes starting its workers and actors
-(importing torch and transformers takes seconds; a job over thousands of videos pays it once), not the
-Ray cluster itself; the sequential loop loads its encoder before its clock starts. A rate "after the
-first output" would flatter the pipeline, whose decoding runs ahead while the encoders start. Each run is
-repeated (``--repeats``) in alternating order and the fastest kept, since other work on a shared machine
-comes and goes. Targets on a 2-core machine: pipeline >= 1.6x the sequential loop, and >= 85% of the
-slower stage alone.
+then the ratios issue 13 sets targets for. Stage rates are steady rates, videos between the 10% and 90%
+marks of their outputs over the time between them (workers' start and the last stragglers left out, as
+the in-process rates leave out imports); wall times include everything. Each measurement is repeated
+(``--repeats``) in alternating order and the median kept. Only meaningful on a quiet machine: the run
+prints the load average it saw.
 
-    python bench/extract.py --videos 48
-    python bench/extract.py --videos 96 --encoder timerefine/random-clip-vit-l-14      # on a GPU
-
-prints a Markdown table (and the machine, its load, and the compute plan) to paste into the README.
+    python bench/extract.py --videos 96 400
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import contextlib
+import multiprocessing
 import os
 import platform
-import shutil
+import statistics
+import subprocess
+import sys
 import tempfile
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import pyarrow as pa
-import ray
-import torch
+import psutil
 
-from pipelines.compute import ClusterResources, plan_extraction
-from pipelines.extract_features import add_decoding, add_encoding, add_writing, video_dataset
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipelines.jobs import QUIET_ENV, ClusterOptions
+
+os.environ.update(QUIET_ENV)  # before Ray Data reads its log level: the tables, not its progress lines
+
+from pipelines.compute import ClusterResources, plan_extraction, ray_connection, usable_cpus
+from pipelines.extract_features import (
+    add_decoding,
+    add_encoding,
+    add_extraction,
+    add_writing,
+    video_dataset,
+)
 from timerefine.data.storage import Storage, video_id_from_uri
 from timerefine.data.synthetic import SynthConfig, generate_benchmark
 from timerefine.decoder import DecodeSettings
-from timerefine.encoders import ClipImageEncoder, resolve_encoder
+from timerefine.encoders import ClipImageEncoder, ClipPreprocessing, resolve_encoder
 from timerefine.video import sample_frames
 
-DECODE, ENCODE = "decode only (Ray tasks)", "encode only (Ray actors)"
-PIPELINE, SEQUENTIAL = "pipeline (Ray Data)", "sequential loop (1 process)"
+REPO = Path(__file__).resolve().parents[1]
+DECODE, ENCODE = "Ray decode stage alone (tasks)", "Ray encode stage alone (actors)"
+PIPELINE, EXTRACT, LOOP = (
+    "Ray Data pipeline (the job's dataset)",
+    "timerefine extract, end to end",
+    "plain loop, end to end",
+)
 
 
 @dataclass
-class Timing:
-    name: str
-    videos: int
-    wall_s: float
+class Measure:
+    """One measurement's runs: wall seconds, steady videos/s, peak memory (bytes) where taken."""
 
-    @property
-    def videos_per_s(self) -> float:
-        return self.videos / self.wall_s
+    walls: list[float] = field(default_factory=list)
+    steady: list[float] = field(default_factory=list)
+    peaks: list[int] = field(default_factory=list)
+
+    def wall(self) -> float:
+        return statistics.median(self.walls)
+
+    def steady_rate(self) -> float | None:
+        return statistics.median(self.steady) if self.steady else None
+
+    def peak(self) -> int | None:
+        return statistics.median(self.peaks) if self.peaks else None
 
 
-def timed_run(name: str, dataset: ray.data.Dataset, keep: list[pa.Table] | None = None) -> Timing:
-    """Run ``dataset`` to the end, counting its rows (and keeping its batches if asked)."""
+# ---------------------------------------------------------------------------------------------------
+# In process, one core
+
+
+def _pin_to_one_core() -> None:
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+
+
+def in_process_rates(paths: list[str], encoder_name: str | None, num_frames: int, batch_size: int) -> dict:
+    """Seconds per video of decoding and of encoding, one thread on one core (runs in a pinned child)."""
+    import torch
+
+    encoder = ClipImageEncoder(resolve_encoder(encoder_name), threads=1)
+    torch.set_num_threads(1)
+    preprocessing = encoder.preprocessing
+    sample_frames(paths[0], num_frames, short_side=preprocessing.resize_short)  # warm-up
     started = time.perf_counter()
-    videos = 0
-    for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-        videos += batch.num_rows
+    decoded = [
+        preprocessing.resize_and_crop(
+            sample_frames(path, num_frames, short_side=preprocessing.resize_short, threads=1).frames
+        )
+        for path in paths
+    ]
+    decode_s = (time.perf_counter() - started) / len(paths)
+    encoder.encode(decoded[0], batch_size)  # warm-up
+    started = time.perf_counter()
+    for frames in decoded:
+        encoder.encode(frames, batch_size)
+    return {"decode_s": decode_s, "encode_s": (time.perf_counter() - started) / len(paths)}
+
+
+def measure_in_process(paths: list[str], encoder: str | None, num_frames: int, batch_size: int) -> dict:
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context, initializer=_pin_to_one_core) as pool:
+        return pool.submit(in_process_rates, paths, encoder, num_frames, batch_size).result()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ray stages, in this process's Ray
+
+
+def stream(dataset, keep: list | None = None) -> tuple[float, float]:
+    """Run ``dataset`` to its end: (wall seconds, steady videos/s between its 10% and 90% outputs)."""
+    started = time.perf_counter()
+    arrivals: list[tuple[float, int]] = []
+    done = 0
+    for bundle in dataset.iter_internal_ref_bundles():
+        done += bundle.num_rows()
+        arrivals.append((time.perf_counter(), done))
         if keep is not None:
-            keep.append(batch)
-    return Timing(name, videos, time.perf_counter() - started)
+            keep.extend(entry.ref for entry in bundle.blocks)
+    wall = time.perf_counter() - started
+    low = next(point for point in arrivals if point[1] >= 0.1 * done)
+    high = [point for point in arrivals if low[1] < point[1] <= 0.9 * done] or [arrivals[-1]]
+    steady = (high[-1][1] - low[1]) / (high[-1][0] - low[0]) if high[-1][0] > low[0] else done / wall
+    return wall, steady
 
 
-def sequential_loop(videos: dict[str, str], encoder: ClipImageEncoder, settings: DecodeSettings) -> Timing:
+# ---------------------------------------------------------------------------------------------------
+# Whole processes: timerefine extract and the plain loop
+
+
+def peak_memory_of(process: subprocess.Popen, every_s: float = 0.5) -> tuple[float, int]:
+    """Wait for ``process``; (wall seconds, peak PSS of it and all its descendants, bytes)."""
     started = time.perf_counter()
-    for path in videos.values():
-        sampled = sample_frames(path, settings.num_frames, short_side=settings.resize_short)
-        encoder.encode(encoder.preprocessing.resize_and_crop(sampled.frames))
-    return Timing(SEQUENTIAL, len(videos), time.perf_counter() - started)
+    peak = 0
+    root = psutil.Process(process.pid)
+    while process.poll() is None:
+        total = 0
+        with contextlib.suppress(psutil.Error):
+            for member in [root, *root.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    total += member.memory_full_info().pss
+        peak = max(peak, total)
+        time.sleep(every_s)
+    wall = time.perf_counter() - started
+    if process.returncode:
+        raise RuntimeError(f"{process.args[:3]} exited with status {process.returncode}")
+    return wall, peak
+
+
+def run_extract(videos_dir: Path, encoder: str | None, num_frames: int) -> tuple[float, int]:
+    with tempfile.TemporaryDirectory() as output:
+        command = [sys.executable, "-m", "timerefine.cli", "extract", "--input", str(videos_dir)]
+        command += ["--output", output, "--num-frames", str(num_frames)]
+        command += ["--encoder", encoder] if encoder else []
+        return peak_memory_of(subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL))
+
+
+def run_plain_loop(videos_dir: Path, encoder_dir: str) -> float:
+    with tempfile.TemporaryDirectory() as output:
+        command = [sys.executable, str(REPO / "bench" / "plain_loop.py"), str(videos_dir), encoder_dir]
+        command.append(str(Path(output) / "features.npz"))
+        started = time.perf_counter()
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        return time.perf_counter() - started
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def benchmark_videos(data: Path, count: int, seed: int) -> Path:
+    videos = data / f"videos-{count}" / "videos"
+    if len(list(videos.glob("*.mp4"))) != count:
+        generate_benchmark(videos.parent, SynthConfig(videos=count, seed=seed), progress=False)
+    return videos
 
 
 def machine() -> str:
@@ -85,115 +203,142 @@ def machine() -> str:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
         names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
         model = names[0] if names else model
-    return f"{model}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}"
+    return f"{model}, {usable_cpus()} usable logical CPUs, {platform.system()} {platform.release()}"
+
+
+@dataclass
+class LoadWatch:
+    """The 1-minute load average, sampled through the run."""
+
+    samples: list[float] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def __enter__(self) -> LoadWatch:
+        def watch() -> None:
+            while not self._stop.wait(5):
+                self.samples.append(os.getloadavg()[0])
+
+        self.samples.append(os.getloadavg()[0])
+        threading.Thread(target=watch, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+
+
+def measure(count: int, args, encoder_ref, settings: DecodeSettings) -> tuple[dict, dict[str, Measure]]:
+    videos_dir = benchmark_videos(args.data, count, args.seed)
+    videos = {video_id_from_uri(str(path)): str(path) for path in sorted(videos_dir.glob("*.mp4"))}
+    sample = list(videos.values())[:: max(1, len(videos) // 64)][:64]
+    rates = measure_in_process(sample, args.encoder, args.num_frames, args.batch_size)
+    results: dict[str, Measure] = {name: Measure() for name in (DECODE, ENCODE, PIPELINE, EXTRACT, LOOP)}
+
+    # Whole processes first, with no Ray of this process running beside them.
+    for repeat in range(args.repeats):
+        first, second = (EXTRACT, LOOP) if repeat % 2 == 0 else (LOOP, EXTRACT)
+        for name in (first, second):
+            if name == EXTRACT:
+                wall, peak = run_extract(videos_dir, args.encoder, args.num_frames)
+                results[EXTRACT].walls.append(wall)
+                results[EXTRACT].peaks.append(peak)
+            else:
+                results[LOOP].walls.append(run_plain_loop(videos_dir, encoder_ref.path or encoder_ref.name))
+
+    storage = Storage()
+    with ray_connection(ClusterOptions()):
+        compute = plan_extraction(ClusterResources.of_running_cluster(), args.encoders)
+        rates["plan"] = compute.describe()
+        for repeat in range(args.repeats):
+            decoded: list = []
+            wall, steady = stream(add_decoding(video_dataset(videos), storage, settings, compute), decoded)
+            results[DECODE].walls.append(wall)
+            results[DECODE].steady.append(steady)
+            stages = [ENCODE, PIPELINE] if repeat % 2 == 0 else [PIPELINE, ENCODE]
+            for name in stages:
+                if name == ENCODE:
+                    import ray
+
+                    predecoded = ray.data.from_arrow_refs(decoded)
+                    dataset = add_encoding(predecoded, encoder_ref, settings, compute, args.batch_size)
+                    wall, steady = stream(dataset)
+                else:
+                    with tempfile.TemporaryDirectory() as output:
+                        features = add_extraction(
+                            video_dataset(videos), storage, encoder_ref, settings, compute, args.batch_size
+                        )
+                        wall, steady = stream(add_writing(features, output, storage, compute, 4))
+                results[name].walls.append(wall)
+                results[name].steady.append(steady)
+            del decoded
+    return rates, results
+
+
+def report(count: int, frames: int, rates: dict, results: dict[str, Measure], cores: int) -> dict:
+    decode_rate, encode_rate = 1 / rates["decode_s"], 1 / rates["encode_s"]
+    bound = cores / (rates["decode_s"] + rates["encode_s"])
+    print(f"\n### {count} videos ({frames} frames each)\n")
+    print(f"Ray plan: {rates['plan']}\n")
+    print("| measurement | wall s (median) | videos/s | frames/s | steady frames/s |")
+    print("|---|---:|---:|---:|---:|")
+    print(f"| in process, 1 core: decode | | {decode_rate:.2f} | {decode_rate * frames:.0f} | |")
+    print(f"| in process, 1 core: encode | | {encode_rate:.2f} | {encode_rate * frames:.0f} | |")
+    print(f"| work bound: {cores} cores / (decode s + encode s) | | {bound:.2f} | {bound * frames:.0f} | |")
+    for name in (DECODE, ENCODE, PIPELINE, EXTRACT, LOOP):
+        measured = results[name]
+        rate = count / measured.wall()
+        steady = measured.steady_rate()
+        steady_cell = f"{steady * frames:.0f}" if steady else ""
+        print(f"| {name} | {measured.wall():.1f} | {rate:.2f} | {rate * frames:.0f} | {steady_cell} |")
+    ratios = {
+        "decode": results[DECODE].steady_rate() / (decode_rate * cores),
+        "encode": results[ENCODE].steady_rate() / (encode_rate * cores),
+        "pipeline": results[PIPELINE].steady_rate() / bound,
+        "pipeline_wall": count / results[PIPELINE].wall() / bound,
+        "extract": results[LOOP].wall() / results[EXTRACT].wall(),
+    }
+    target = 0.75 if count < 400 else 0.9
+    print(
+        f"\n- Ray decode stage / (in-process decode x {cores} cores): {ratios['decode']:.0%} (target >= 80%)"
+    )
+    print(f"- Ray encode stage / (in-process encode x {cores} cores): {ratios['encode']:.0%} (target >= 85%)")
+    print(
+        f"- pipeline / work bound: {ratios['pipeline']:.0%} steady, {ratios['pipeline_wall']:.0%} over its "
+        "whole wall time, its actors' start included (target >= 75%)"
+    )
+    print(f"- timerefine extract / plain loop, end to end: {ratios['extract']:.2f}x (target >= {target}x)")
+    peak = results[EXTRACT].peak()
+    print(f"- peak memory of timerefine extract (PSS, process tree): {peak / 2**20:.0f} MiB")
+    return {"peak": peak}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--videos", type=int, default=48)
+    parser.add_argument("--videos", type=int, nargs="+", default=[96], help="video counts, one table each")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "timerefine-bench-extract")
     parser.add_argument("--num-frames", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--encoders", type=int, default=None)
     parser.add_argument(
-        "--repeats", type=int, default=2, help="runs of each, in alternating order; best kept"
+        "--repeats", type=int, default=3, help="runs of each, in alternating order; median kept"
     )
-    parser.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
-    parser.add_argument(
-        "--encoder",
-        help="what extract --encoder takes (default: the built-in small one); on a GPU, "
-        "timerefine/random-clip-vit-l-14 is ViT-L/14's shape",
-    )
+    parser.add_argument("--encoder", help="what extract --encoder takes (default: the built-in small one)")
     args = parser.parse_args()
 
-    videos_dir = args.data / "videos"
-    if len(list(videos_dir.glob("*.mp4"))) != args.videos:
-        shutil.rmtree(args.data, ignore_errors=True)
-        generate_benchmark(args.data, SynthConfig(videos=args.videos, seed=args.seed), progress=False)
-    videos = {video_id_from_uri(str(path)): str(path) for path in sorted(videos_dir.glob("*.mp4"))}
-
     encoder_ref = resolve_encoder(args.encoder)
-    encoder = ClipImageEncoder(encoder_ref)  # torch's default threads, as a plain script would run
-    settings = DecodeSettings.for_encoder(encoder.preprocessing, num_frames=args.num_frames)
-    storage = Storage()
-    ray.init(address=args.address)
-    compute = plan_extraction(ClusterResources.of_running_cluster(), args.encoders)
-    decoded_batches: list[pa.Table] = []  # the decode run's output feeds the encode-only run
-
-    def decode_only() -> Timing:
-        decoded_batches.clear()
-        decoding = add_decoding(video_dataset(videos), storage, settings, compute)
-        return timed_run(DECODE, decoding, decoded_batches)
-
-    def encode_only() -> Timing:
-        predecoded = ray.data.from_arrow(decoded_batches)
-        return timed_run(ENCODE, add_encoding(predecoded, encoder_ref, settings, compute, args.batch_size))
-
-    def pipeline() -> Timing:
-        with tempfile.TemporaryDirectory() as output:
-            decoded = add_decoding(video_dataset(videos), storage, settings, compute)
-            features = add_encoding(decoded, encoder_ref, settings, compute, args.batch_size)
-            return timed_run(PIPELINE, add_writing(features, output, storage, compute, 16))
-
-    def sequential() -> Timing:
-        return sequential_loop(videos, encoder, settings)
-
-    # Other work on the machine comes and goes: alternate the order and keep each one's best run.
-    runs: dict[str, list[Timing]] = {}
-    loads = [os.getloadavg()[0]]
-    for repeat in range(args.repeats):
-        order = [decode_only, encode_only, pipeline, sequential]
-        for measure in order if repeat % 2 == 0 else [decode_only, *reversed(order[1:])]:
-            timing = measure()
-            runs.setdefault(timing.name, []).append(timing)
-            loads.append(os.getloadavg()[0])
-    ray.shutdown()
-    best = {name: min(timings, key=lambda timing: timing.wall_s) for name, timings in runs.items()}
-    raw_rate = raw_forward_rate(encoder, args.batch_size)
-
-    frames = args.num_frames
-    print(f"\nMachine: {machine()}; 1-minute load average {min(loads):.1f}-{max(loads):.1f} during the runs")
-    print(f"Encoder: {encoder_ref.identity}, {frames} frames a video, {len(videos)} synthetic videos")
-    print(f"Ray plan: {compute.describe()}; sequential loop: {torch.get_num_threads()} torch threads")
-    print(f"Best of {args.repeats} runs each, in alternating order\n")
-    print("| run | videos | wall s | videos/s | frames/s | every run, s |")
-    print("|---|---:|---:|---:|---:|---|")
-    for name in (DECODE, ENCODE, PIPELINE, SEQUENTIAL):
-        timing, rate = best[name], best[name].videos_per_s
-        every = ", ".join(f"{run.wall_s:.1f}" for run in runs[name])
-        row = [name, str(timing.videos), f"{timing.wall_s:.1f}", f"{rate:.2f}", f"{rate * frames:.0f}", every]
-        print(f"| {' | '.join(row)} |")
-    pipelined = best[PIPELINE].videos_per_s
-    slower_stage = min(best[DECODE].videos_per_s, best[ENCODE].videos_per_s)
-    print(f"\npipeline / sequential loop: {pipelined / best[SEQUENTIAL].videos_per_s:.2f}x (target >= 1.6x)")
-    print(f"pipeline / slower stage alone: {pipelined / slower_stage:.0%} (target >= 85%)")
-    encode_rate = best[ENCODE].videos_per_s * frames
-    print(
-        f"raw forward pass ({encoder.device.type}, {str(encoder.dtype).removeprefix('torch.')}, batch "
-        f"{args.batch_size}, torch's default threads): {raw_rate:.0f} frames/s; encode only reaches "
-        f"{encode_rate / raw_rate:.0%} of it (target on a GPU: >= 80%)"
-    )
-
-
-def raw_forward_rate(encoder: ClipImageEncoder, batch_size: int, batches: int = 5) -> float:
-    """Frames/s of the encoder's forward pass alone on ready-made pixel batches (no decoding, no
-    preprocessing, no Ray), after one warm-up batch: the most encoding can reach on this device."""
-    size = encoder.preprocessing.crop_size
-    pixels = torch.randn(batch_size, 3, size, size, device=encoder.device, dtype=encoder.dtype)
-    with torch.inference_mode():
-        for batch in range(batches + 1):
-            if batch == 1:
-                _synchronize(encoder.device)
-                started = time.perf_counter()
-            encoder.model(pixel_values=pixels)
-        _synchronize(encoder.device)
-    return batches * batch_size / (time.perf_counter() - started)
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    preprocessing = ClipPreprocessing.from_pretrained(*encoder_ref.pretrained_source())
+    settings = DecodeSettings.for_encoder(preprocessing, num_frames=args.num_frames)
+    cores = usable_cpus()
+    peaks = {}
+    with LoadWatch() as load:
+        measured = [(count, *measure(count, args, encoder_ref, settings)) for count in args.videos]
+    print(f"Machine: {machine()}; 1-minute load average {min(load.samples):.2f}-{max(load.samples):.2f}")
+    print(f"Encoder: {encoder_ref.identity}; median of {args.repeats} runs each")
+    for count, rates, results in measured:
+        peaks[count] = report(count, args.num_frames, rates, results, cores)["peak"]
+    if len(peaks) > 1:
+        low, high = min(peaks), max(peaks)
+        print(f"\nPeak memory, {high} vs {low} videos: {peaks[high] / peaks[low]:.2f}x (target: within 20%)")
 
 
 if __name__ == "__main__":

@@ -10,17 +10,19 @@ GPU. Writing is a light task a batch of videos. The numbers below are chosen for
 
 - GPU clusters: one encoder per ``gpus_per_encoder`` GPUs, each with a CPU to feed it; every other
   CPU decodes.
-- CPU-only machines (laptops, CI, 2-core boxes): encoding costs several times what decoding does, so
-  every core should encode (one single-threaded actor a core), while decode and write tasks must still
-  get scheduled. On 2 CPUs, an actor pool that takes every logical CPU starves the other stages and
-  hangs forever (DESIGN.md section 7): actors reserve half a logical CPU each, leaving the other half of
-  the logical CPUs to the tasks, and the operating system shares the physical cores among all of them.
+- CPU-only machines (laptops, CI, 2-core boxes): decoding and encoding run in one actor per core
+  (``fused``), each with one torch thread and its own isolated decoder process, which decodes while the
+  actor's encoder waits and the other way round; so every core works on one video at a time and no
+  frames cross the object store (as separate stages on 2 cores, decode tasks and encoder actors competed
+  for the same cores, and each video's 4.9 MB of frames went through Arrow and the object store: the
+  pipeline reached 36% of what the cores' work allows). Write tasks must still get scheduled: on 2 CPUs
+  an actor pool that takes every logical CPU starves the other stages and hangs forever (DESIGN.md
+  section 7), so the actors reserve half a logical CPU each and the operating system shares the cores.
 
-Ray Data fuses a task stage into the actor stage after it when their resources are equal: decoding
-would then run inside the encoder actors, one video after another, and the pipeline would be no faster
-than a sequential loop (measured: 1.03x). Decode tasks therefore also reserve memory
-(``DECODE_TASK_MEMORY``, a Ray worker plus its decoder process), which the encoder actors do not, so
-their resources never match.
+On GPUs the stages stay apart: the decode tasks' CPUs feed the GPU actors. Ray Data fuses a task stage
+into the actor stage after it when their resources are equal, which would run decoding inside the GPU
+actors one video after another; decode tasks therefore also reserve memory (``DECODE_TASK_MEMORY``, a
+Ray worker plus its decoder process), which the encoder actors do not, so their resources never match.
 
 Ray Data retries a crashed task (and restarts a crashed actor) without limit, so a video that crashes
 its decoder every time would run a job forever (DESIGN.md section 7). Decoding therefore never crashes a
@@ -45,7 +47,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from .jobs import ClusterOptions, job_env
+from .jobs import ClusterOptions, interrupt_on_sigterm, job_env
 
 # A decode task's Ray worker (pyarrow, no torch: 190 MB) and its decoder process (210 MB) hold about 400 MB
 # together while decoding a 480x270 clip to 224 px (measured); the rest is headroom for larger videos.
@@ -62,7 +64,8 @@ _LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 def prepare_local_ray(cluster: ClusterOptions) -> None:
-    """Before Ray is imported: keep a Ray this process will start on 127.0.0.1 (a no-op with --address)."""
+    """Before Ray is imported: keep a Ray this process will start on 127.0.0.1 (a no-op with --address).
+    ``jobs.main`` calls it first thing; ``ray_connection`` again, for jobs called from other code."""
     if cluster.address is None:
         for name, value in _LOOPBACK_ENV.items():
             os.environ.setdefault(name, value)
@@ -76,7 +79,9 @@ def ray_connection(
     on 127.0.0.1 (``num_cpus``: how many CPUs it advertises; default all).
 
     A job called from a process already connected (the demo, a test, a notebook) uses that connection and
-    leaves it open; a job that connected itself disconnects at the end, failed or not. ``enabled=False``
+    leaves it open; a job that connected itself disconnects at the end, failed or interrupted, which for a
+    local Ray stops its processes. ``ray.init`` installs Ray's own SIGTERM handler, which exits at once; it is
+    replaced by the job protocol's, so that SIGTERM unwinds through here like Ctrl-C. ``enabled=False``
     (Ray Train's local mode) connects to nothing.
     """
     prepare_local_ray(cluster)
@@ -84,13 +89,14 @@ def ray_connection(
 
     started = enabled and not ray.is_initialized()
     dashboard = None
-    if started:
-        runtime_env = {"env_vars": job_env(cluster)}
-        if cluster.address is not None:
-            ray.init(address=cluster.address, runtime_env=runtime_env)
-        else:
-            dashboard = _init_local_ray(runtime_env, num_cpus)
-    try:
+    try:  # an interrupt while Ray starts shuts down what had started, too
+        if started:
+            runtime_env = {"env_vars": job_env(cluster)}
+            if cluster.address is not None:
+                ray.init(address=cluster.address, runtime_env=runtime_env)
+            else:
+                dashboard = _init_local_ray(runtime_env, num_cpus)
+            interrupt_on_sigterm()
         yield dashboard
     finally:
         if started:
@@ -105,7 +111,14 @@ def _init_local_ray(runtime_env: dict[str, Any], num_cpus: int | None) -> str | 
     runs beside it (a test session, a colleague's cluster).
     """
     import ray
+    from ray._private import ray_constants
 
+    if ray_constants.ENABLE_RAY_CLUSTER and os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0":
+        # Ray was imported before prepare_local_ray set the variable it reads at import (measured: a job
+        # that looked up its run with ray.train first bound every server to every interface). Its own
+        # processes read the variable when they start; this process reads the constant, set here as the
+        # variable would have set it.
+        ray_constants.ENABLE_RAY_CLUSTER = False
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -229,6 +242,7 @@ class ExtractionCompute:
     encoder_num_gpus: float
     encoder_threads: int | None  # torch intra-op threads of a CPU encoder; None: torch's default
     write_num_cpus: float
+    fused: bool = False  # decode inside the encoder actors (CPU encoders), not in tasks of their own
     decode_label_selector: dict[str, str] | None = None
     shortfall: str | None = None  # what the encoders need beyond what is up now; None: they fit
 
@@ -251,12 +265,15 @@ class ExtractionCompute:
     def describe(self) -> str:
         device = f"{self.encoder_num_gpus:g} GPU" if self.encoder_num_gpus else "CPU"
         threads = f", {self.encoder_threads} thread(s)" if self.encoder_threads else ""
+        if self.fused:
+            decoding = "each decoding its own videos"
+        else:
+            decoding = f"decode tasks {self.decode_num_cpus:g} CPU" + (
+                " on decode nodes" if self.decode_label_selector else ""
+            )
         return (
             f"{self.encoders} encoder actor(s) on {device} ({self.encoder_num_cpus:g} CPU each{threads}), "
-            f"decode tasks {self.decode_num_cpus:g} CPU"
-            + (" on decode nodes" if self.decode_label_selector else "")
-            + f", write tasks {self.write_num_cpus:g} CPU"
-            + _waiting(self.shortfall)
+            f"{decoding}, write tasks {self.write_num_cpus:g} CPU" + _waiting(self.shortfall)
         )
 
 
@@ -286,7 +303,8 @@ def plan_extraction(
         encoder_num_gpus=pool.gpus_each,
         encoder_threads=1 if on_cpus else None,
         write_num_cpus=0.25,
-        decode_label_selector=DECODE_NODE_LABEL if resources.decode_nodes else None,
+        fused=on_cpus,
+        decode_label_selector=DECODE_NODE_LABEL if resources.decode_nodes and not on_cpus else None,
         shortfall=pool.shortfall,
     )
 

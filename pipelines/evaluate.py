@@ -138,18 +138,28 @@ def config_from_args(args: argparse.Namespace) -> EvaluateConfig:
 
 def run(config: EvaluateConfig) -> EvaluateResult:
     """Evaluate; raises ``jobs.JobError`` when the input cannot be used or the pipeline failed."""
+    from timerefine.checkpoint import check_checkpoint
     from timerefine.features import ok_video_ids
     from timerefine.metrics import format_table, parse_predictions, score
     from timerefine.reporting import metric_rows
-    from timerefine.training import join_queries
 
+    # Every input is checked before Ray starts, and before torch is imported (timerefine.training).
     storage = config.cluster.storage()
+    check_checkpoint(config.checkpoint, storage)
     queries, read = read_annotations(config.annotations, durations=config.durations, storage=storage)
     print(f"[evaluate] {read.describe()}", flush=True)
     ok, _ = ok_video_ids(config.features, storage)
+    jobs.check_output_folder(config.output, storage)
+
+    from timerefine.training import join_queries
+
     joined, join = join_queries(queries, ok, "evaluation")
+    if not joined:
+        raise jobs.JobError(
+            f"none of the {len(queries)} queries of {config.annotations} is on a video with features in "
+            f"{config.features}: nothing to evaluate"
+        )
     print(f"[evaluate] {join.describe()}" + (" (scored as misses)" if join.skipped else ""), flush=True)
-    storage.check_writable(config.output)
     try:
         with ray_connection(config.cluster):
             compute = plan_inference(
@@ -177,6 +187,14 @@ def run(config: EvaluateConfig) -> EvaluateResult:
         print(f"[evaluate] answers that did not parse: {metrics['unparsed']} of {len(records)}")
     print(f"[evaluate] wrote {predictions_uri} and {metrics_uri}")
     return EvaluateResult(predictions_uri, metrics_uri, metrics)
+
+
+def progress(config: EvaluateConfig) -> str:
+    """What an interrupted evaluation leaves (the job protocol's line after an interrupt)."""
+    return (
+        f"nothing was written to {config.output} (its files come once every query is answered); rerun the "
+        "same command to evaluate"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -6,7 +6,9 @@ Two doors, one job: ``timerefine extract ...`` and
 The stream: list (driver) -> decode (CPU task a video, in a child process with a timeout) -> encode
 (actor pool, the encoder loaded once per actor) -> write (a Parquet part a batch of videos) -> the
 driver, which counts what was written and prints progress. Videos already in the output are skipped;
-failed ones are retried with ``--retry-errors``. The stages are library functions
+failed ones are retried with ``--retry-errors`` (their error rows are removed first, so that every reader
+sees one row a video). The driver holds the output's writer lock (``timerefine.data.lock``) while it
+writes: a second job into the same output is refused, naming the first. The stages are library functions
 (``timerefine.decoder``, ``timerefine.encoders``, ``timerefine.features``); resources are chosen in
 ``pipelines.compute``; this file wires them, and holds the Arrow batches that cross Ray's object store.
 
@@ -21,6 +23,7 @@ import logging
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -30,14 +33,17 @@ if not __package__:  # `python pipelines/extract_features.py` (ray job submit): 
 import numpy as np
 import pyarrow as pa
 
-from timerefine.data.storage import Storage, video_id_from_uri
-from timerefine.decoder import DecodedVideo, DecodeSettings, decode_video, shared_decoder
+from timerefine.data.lock import OutputLock
+from timerefine.data.storage import VIDEO_EXTENSIONS, Storage, StorageError, VideoListing, video_id_from_uri
+from timerefine.decoder import DecodedVideo, DecodeSettings, IsolatedDecoder, decode_video, shared_decoder
 from timerefine.encoders import ClipImageEncoder, ClipPreprocessing, EncoderRef, resolve_encoder
 from timerefine.features import (
     STATUS_ERROR,
     STATUS_OK,
-    committed_statuses,
+    CommittedRows,
+    committed_rows,
     feature_rows_to_table,
+    remove_rows,
     write_feature_part,
 )
 
@@ -108,6 +114,7 @@ class ExtractResult:
     extracted_now: int
     failures: list[tuple[str, str]]  # (video_id, reason) of this run's failures
     frames_per_s: float
+    skipped_inputs: int = 0  # entries under the input that are not videos (named in the summary)
 
     @property
     def exit_code(self) -> int:
@@ -191,56 +198,109 @@ class Progress:
         return self.counts[STATUS_OK] * self.num_frames / elapsed if elapsed else 0.0
 
 
+@dataclass
+class WorkPlan:
+    """What a run does, decided from the input's videos and the rows the output already holds."""
+
+    todo: dict[str, str]  # video_id -> URI, to extract now
+    done_before: Counter  # status -> videos left as they are
+    removals: dict[str, set[str]]  # part URI -> videos whose row there goes first (retried or doubled)
+
+    @property
+    def writes(self) -> bool:
+        return bool(self.todo or self.removals)
+
+
+def plan_work(videos: dict[str, str], committed: CommittedRows, retry_errors: bool) -> WorkPlan:
+    """Videos without a row, and with ``retry_errors`` those with an error row, are extracted; the error
+    rows of retried videos and any row beyond one a video are removed before anything is written."""
+    statuses = committed.status_by_video()
+    retry = {STATUS_ERROR} if retry_errors else set()
+    todo = {
+        video_id: uri
+        for video_id, uri in videos.items()
+        if video_id not in statuses or statuses[video_id] in retry
+    }
+    done_before = Counter(statuses[video_id] for video_id in videos if video_id not in todo)
+    removals = committed.extra_rows()
+    for part, video_ids in committed.rows_of(set(todo)).items():
+        removals.setdefault(part, set()).update(video_ids)
+    return WorkPlan(todo, done_before, removals)
+
+
 def run(config: ExtractConfig) -> ExtractResult:
     """Run the extraction; raises ``jobs.JobError`` when the input or output cannot be used or the pipeline
     failed (what it wrote stays: a rerun resumes)."""
     storage = config.cluster.storage()
     encoder = resolve_encoder(config.encoder)
     preprocessing = ClipPreprocessing.from_pretrained(*encoder.pretrained_source())
-    videos = _list_videos(config.input, storage)
-    statuses, metadata = committed_statuses(config.output, storage)
-    _check_same_extraction(config.output, metadata, encoder, config.num_frames)
+    listing = storage.list_videos(config.input)
+    videos = _video_ids(config.input, listing)
+    committed = committed_rows(config.output, storage)
+    _check_same_extraction(config.output, committed.metadata, encoder, config.num_frames)
+    plan = plan_work(videos, committed, config.retry_errors)
+    progress = Progress(total=0, every=config.progress_every, num_frames=config.num_frames)
+    if not plan.writes and not _tolerating(lambda: len(storage.incomplete_writes(config.output))):
+        _print_plan(config, listing, videos, plan)
+    else:
+        with OutputLock(config.output, storage):
+            # Read again, now that no other writer can change the output: a run that held it until a
+            # moment ago may have written rows since.
+            plan = plan_work(videos, committed_rows(config.output, storage), config.retry_errors)
+            _tidy_output(config.output, storage, plan)
+            _print_plan(config, listing, videos, plan)
+            progress.total = len(plan.todo)
+            if plan.todo:
+                settings = DecodeSettings.for_encoder(
+                    preprocessing,
+                    num_frames=config.num_frames,
+                    timeout_s=config.decode_timeout,
+                    memory_limit_mb=config.decode_memory_mb,
+                )
+                try:
+                    _extract(plan.todo, config, storage, encoder, settings, progress)
+                except Exception as error:  # a failed Ray job: what is written stays, a rerun resumes
+                    logger.exception("extraction failed")
+                    raise jobs.JobError(f"the pipeline failed ({error}); rerun to resume") from error
+                finally:  # uploads of write tasks that Ray killed and retried
+                    _tolerating(lambda: storage.abort_incomplete_writes(config.output))
 
-    retry = {STATUS_ERROR} if config.retry_errors else set()
-    todo = {
-        video_id: uri
-        for video_id, uri in videos.items()
-        if video_id not in statuses or statuses[video_id] in retry
-    }
-    skipped = Counter(statuses[video_id] for video_id in videos if video_id not in todo)
-    print(
-        f"[extract] {len(videos)} videos in {config.input}: {len(todo)} to extract, "
-        f"{skipped[STATUS_OK]} already done, {skipped[STATUS_ERROR]} failed before"
-        + ("" if config.retry_errors or not skipped[STATUS_ERROR] else " (--retry-errors retries them)"),
-        flush=True,
-    )
-    progress = Progress(total=len(todo), every=config.progress_every, num_frames=config.num_frames)
-    if todo:
-        storage.check_writable(config.output)
-        settings = DecodeSettings.for_encoder(
-            preprocessing,
-            num_frames=config.num_frames,
-            timeout_s=config.decode_timeout,
-            memory_limit_mb=config.decode_memory_mb,
-        )
-        try:
-            _extract(todo, config, storage, encoder, settings, progress)
-        except Exception as error:  # a failed Ray job: what is written stays, a rerun resumes
-            logger.exception("extraction failed")
-            raise jobs.JobError(f"the pipeline failed ({error}); rerun to resume") from error
-
+    skipped = plan.done_before
     _print_summary(progress, skipped, config)
-    missing = len(todo) - progress.done
+    missing = len(plan.todo) - progress.done
     if missing:
         raise jobs.JobError(f"{missing} videos produced no row; rerun to extract them")
     return ExtractResult(
         output=config.output,
         ok=progress.counts[STATUS_OK] + skipped[STATUS_OK],
-        failed=progress.counts[STATUS_ERROR] + (0 if config.retry_errors else skipped[STATUS_ERROR]),
+        failed=progress.counts[STATUS_ERROR] + skipped[STATUS_ERROR],
         extracted_now=progress.counts[STATUS_OK],
         failures=list(progress.failures),
         frames_per_s=progress.frames_per_s(),
+        skipped_inputs=len(listing.skipped),
     )
+
+
+def _tolerating(cleanup: Callable[[], int]) -> int:
+    """Run a look for, or clean-up of, killed writers' leftovers; a failure is a warning, not the job's end:
+    many S3 policies do not grant listing multipart uploads, and a bucket lifecycle rule
+    (AbortIncompleteMultipartUpload) reclaims them anyway."""
+    try:
+        return cleanup()
+    except StorageError as error:
+        logger.warning("%s; uploads left by killed writers may remain", error)
+        return 0
+
+
+def _tidy_output(output: str, storage: Storage, plan: WorkPlan) -> None:
+    """Before writing: remove what killed writers left, the rows to be replaced, and doubled rows."""
+    aborted = _tolerating(lambda: storage.abort_incomplete_writes(output))
+    if aborted:
+        print(f"[extract] removed {aborted} incomplete upload(s) left by an interrupted run", flush=True)
+    removed = remove_rows(plan.removals, storage)
+    retried = sum(len(ids & plan.todo.keys()) for ids in plan.removals.values())
+    if removed > retried:
+        print(f"[extract] removed {removed - retried} doubled row(s): now one row a video", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -256,47 +316,130 @@ class EncodeStage:
         self.batch_size = batch_size
 
     def __call__(self, decoded: pa.Table) -> pa.Table:
-        return encode_batch(self.encoder, decoded, self.num_frames, self.batch_size)
+        videos, frames = decoded_videos(decoded, self.encoder.preprocessing.crop_size, self.num_frames)
+        return encode_videos(self.encoder, videos, frames, self.num_frames, self.batch_size)
+
+
+class ExtractStage:
+    """Decoding and encoding in one actor, for encoders on CPUs: no frames cross the object store.
+
+    Each actor keeps its own isolated decoder process (started first, so that its imports overlap the
+    encoder's) and decodes a video while its encoder waits, then encodes it while the decoder waits: one
+    actor a core keeps every core busy without the frames ever leaving the actor's memory.
+    """
+
+    def __init__(
+        self,
+        encoder: EncoderRef,
+        threads: int | None,
+        settings: DecodeSettings,
+        batch_size: int,
+        storage: Storage,
+    ) -> None:
+        self.decoder = IsolatedDecoder(settings)
+        self.decoder.start()
+        self.encoder = ClipImageEncoder(encoder, threads=threads)
+        self.num_frames = settings.num_frames
+        self.batch_size = batch_size
+        self.storage = storage
+
+    def __call__(self, videos: pa.Table) -> pa.Table:
+        decoded = [
+            decode_video(video_id, uri, self.storage, self.decoder)
+            for video_id, uri in zip(videos["video_id"].to_pylist(), videos["uri"].to_pylist(), strict=True)
+        ]
+        ok = [video.frames for video in decoded if video.ok]
+        frames = ok[0] if len(ok) == 1 else np.concatenate(ok) if ok else None
+        return encode_videos(self.encoder, decoded, frames, self.num_frames, self.batch_size)
 
 
 def decode_stage(videos: pa.Table, storage: Storage, settings: DecodeSettings) -> pa.Table:
     decoder = shared_decoder(settings)  # one decoder process per Ray worker, reused across tasks
-    decoded = [decode_video(row["video_id"], row["uri"], storage, decoder) for row in videos.to_pylist()]
-    return pa.Table.from_pylist([_decoded_row(video) for video in decoded], schema=DECODED_SCHEMA)
+    decoded = [
+        decode_video(video_id, uri, storage, decoder)
+        for video_id, uri in zip(videos["video_id"].to_pylist(), videos["uri"].to_pylist(), strict=True)
+    ]
+    return decoded_table(decoded)
 
 
-def _decoded_row(video: DecodedVideo) -> dict:
-    return {
-        "video_id": video.video_id,
-        "uri": video.uri,
-        "status": STATUS_OK if video.ok else STATUS_ERROR,
-        "error": video.error,
-        "duration_s": video.duration_s,
-        "fps": video.fps,
-        "num_frames": video.num_frames,
-        "frame_times_s": video.frame_times_s,
-        "frames": b"" if video.frames is None else video.frames.tobytes(),
+def decoded_table(videos: list[DecodedVideo]) -> pa.Table:
+    """Decoded videos as a ``DECODED_SCHEMA`` table; one video's frames become its row's bytes without a
+    copy (several videos' are joined in one buffer)."""
+    frames = [video.frames.reshape(-1) for video in videos if video.ok]
+    data = pa.py_buffer(frames[0] if len(frames) == 1 else np.concatenate(frames) if frames else b"")
+    sizes = [video.frames.nbytes if video.ok else 0 for video in videos]
+    offsets = pa.py_buffer(np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64))
+    columns = {
+        "video_id": [video.video_id for video in videos],
+        "uri": [video.uri for video in videos],
+        "status": [STATUS_OK if video.ok else STATUS_ERROR for video in videos],
+        "error": [video.error for video in videos],
+        "duration_s": [video.duration_s for video in videos],
+        "fps": [video.fps for video in videos],
+        "num_frames": [video.num_frames for video in videos],
+        "frame_times_s": [video.frame_times_s for video in videos],
+        "frames": pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(videos), [None, offsets, data]),
     }
+    return pa.table(columns, schema=DECODED_SCHEMA)
 
 
-def encode_batch(encoder: ClipImageEncoder, decoded: pa.Table, num_frames: int, batch_size: int) -> pa.Table:
-    """Rows of ``DECODED_SCHEMA`` -> rows of the feature table; error rows pass through without features.
+def decoded_videos(
+    table: pa.Table, crop: int, num_frames: int
+) -> tuple[list[DecodedVideo], np.ndarray | None]:
+    """A ``DECODED_SCHEMA`` table back as videos (without frames) and the frames of its ok videos, in
+    order, as one (videos x num_frames, crop, crop, 3) array read from the table's buffer without a copy."""
+    columns = table.drop_columns(["frames"]).to_pydict()
+    videos = [
+        DecodedVideo(
+            video_id=columns["video_id"][index],
+            uri=columns["uri"][index],
+            error=None if columns["status"][index] == STATUS_OK else columns["error"][index],
+            duration_s=columns["duration_s"][index],
+            fps=columns["fps"][index],
+            num_frames=columns["num_frames"][index],
+            frame_times_s=columns["frame_times_s"][index],
+        )
+        for index in range(table.num_rows)
+    ]
+    if not any(video.ok for video in videos):
+        return videos, None
+    column = table.column("frames")
+    array = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()  # combining copies
+    offsets = np.frombuffer(array.buffers()[1], dtype=np.int64)[array.offset : array.offset + len(array) + 1]
+    start, end = int(offsets[0]), int(offsets[-1])
+    frames = np.frombuffer(array.buffers()[2], dtype=np.uint8, count=end - start, offset=start)
+    return videos, frames.reshape(-1, crop, crop, 3)
 
-    The frames of all videos in ``decoded`` go through the encoder together, ``batch_size`` at a time.
-    If encoding fails, every video of the batch becomes an error row with the reason.
+
+def encode_videos(
+    encoder: ClipImageEncoder,
+    videos: list[DecodedVideo],
+    frames: np.ndarray | None,
+    num_frames: int,
+    batch_size: int,
+) -> pa.Table:
+    """Decoded videos -> rows of the feature table; ``frames`` holds the ok videos' frames, in order.
+
+    The frames of all ok videos go through the encoder together, ``batch_size`` at a time; error videos
+    pass through without features. If encoding fails, every ok video becomes an error row with the reason.
     """
-    crop = encoder.preprocessing.crop_size
-    rows = decoded.to_pylist()
+    rows = [
+        {
+            "video_id": video.video_id,
+            "uri": video.uri,
+            "duration_s": video.duration_s,
+            "fps": video.fps,
+            "num_frames": video.num_frames,
+            "frame_times_s": video.frame_times_s,
+            "status": STATUS_OK if video.ok else STATUS_ERROR,
+            "error": video.error,
+        }
+        for video in videos
+    ]
     ok = [row for row in rows if row["status"] == STATUS_OK]
     features: dict[str, np.ndarray] = {}
     if ok:
         try:
-            frames = np.concatenate(
-                [
-                    np.frombuffer(row["frames"], dtype=np.uint8).reshape(num_frames, crop, crop, 3)
-                    for row in ok
-                ]
-            )
             embeds = encoder.encode(frames, batch_size=batch_size).reshape(len(ok), num_frames, encoder.dim)
             features = {row["video_id"]: embeds[index] for index, row in enumerate(ok)}
         except Exception as error:  # e.g. GPU out of memory: the batch's videos stay retryable error rows
@@ -314,7 +457,7 @@ def write_stage(features: pa.Table, output: str, storage: Storage) -> pa.Table:
 
 
 def video_dataset(todo: dict[str, str]) -> Dataset:
-    """One block, and so one decode task, a video."""
+    """One block a video: each is one decode task, and the actors take them a few at a time."""
     import ray
 
     items = [{"video_id": video_id, "uri": uri} for video_id, uri in todo.items()]
@@ -328,9 +471,15 @@ def add_decoding(
         decode_stage,
         batch_size=1,
         batch_format="pyarrow",
+        zero_copy_batch=True,
         fn_kwargs={"storage": storage, "settings": settings},
         **compute.decode_args(),
     )
+
+
+def _videos_per_call(settings: DecodeSettings, batch_size: int) -> int:
+    """Each actor call takes as many whole videos as fit in ``batch_size`` frames (at least one)."""
+    return max(1, batch_size // settings.num_frames)
 
 
 def add_encoding(
@@ -340,16 +489,46 @@ def add_encoding(
     compute: ExtractionCompute,
     batch_size: int,
 ) -> Dataset:
-    """Each actor call takes as many whole videos as fit in ``batch_size`` frames (at least one)."""
     return decoded.map_batches(
         EncodeStage,
-        batch_size=max(1, batch_size // settings.num_frames),
+        batch_size=_videos_per_call(settings, batch_size),
         batch_format="pyarrow",
+        zero_copy_batch=True,
         fn_constructor_kwargs={
             "encoder": encoder,
             "threads": compute.encoder_threads,
             "num_frames": settings.num_frames,
             "batch_size": batch_size,
+        },
+        **compute.encode_args(),
+    )
+
+
+def add_extraction(
+    videos: Dataset,
+    storage: Storage,
+    encoder: EncoderRef,
+    settings: DecodeSettings,
+    compute: ExtractionCompute,
+    batch_size: int,
+) -> Dataset:
+    """Videos -> feature rows: decode tasks feeding encoder actors, or both in one actor where the
+    encoders run on CPUs (``compute.fused``)."""
+    if not compute.fused:
+        return add_encoding(
+            add_decoding(videos, storage, settings, compute), encoder, settings, compute, batch_size
+        )
+    return videos.map_batches(
+        ExtractStage,
+        batch_size=_videos_per_call(settings, batch_size),
+        batch_format="pyarrow",
+        zero_copy_batch=True,
+        fn_constructor_kwargs={
+            "encoder": encoder,
+            "threads": compute.encoder_threads,
+            "settings": settings,
+            "batch_size": batch_size,
+            "storage": storage,
         },
         **compute.encode_args(),
     )
@@ -384,8 +563,7 @@ def _extract(
             ClusterResources.of_running_cluster(), config.encoders, config.gpus_per_encoder
         )
         print(f"[extract] {compute.describe()}", flush=True)
-        decoded = add_decoding(video_dataset(todo), storage, settings, compute)
-        features = add_encoding(decoded, encoder, settings, compute, config.batch_size)
+        features = add_extraction(video_dataset(todo), storage, encoder, settings, compute, config.batch_size)
         written = add_writing(features, config.output, storage, compute, config.videos_per_file)
         for batch in written.iter_batches(batch_size=None, batch_format="pyarrow"):
             progress.update(batch)
@@ -395,10 +573,10 @@ def _extract(
 # Driver-side checks and reports
 
 
-def _list_videos(input_uri: str, storage: Storage) -> dict[str, str]:
+def _video_ids(input_uri: str, listing: VideoListing) -> dict[str, str]:
     """video_id -> URI; two files with one id would overwrite each other's row, so they are an error."""
     videos: dict[str, str] = {}
-    for uri in storage.list_videos(input_uri):
+    for uri in listing.videos:
         video_id = video_id_from_uri(uri)
         if video_id in videos:
             raise ValueError(
@@ -407,8 +585,26 @@ def _list_videos(input_uri: str, storage: Storage) -> dict[str, str]:
             )
         videos[video_id] = uri
     if not videos:
-        raise ValueError(f"{input_uri}: no videos found (looked for .avi .mkv .mov .mp4 .webm)")
+        skipped = f" ({listing.summary()})" if listing.skipped else ""
+        raise ValueError(
+            f"{input_uri}: no videos found{skipped}; video files end in {' '.join(VIDEO_EXTENSIONS)}"
+        )
     return videos
+
+
+def _print_plan(config: ExtractConfig, listing: VideoListing, videos: dict[str, str], plan: WorkPlan) -> None:
+    skipped = f" ({listing.summary()})" if listing.skipped else ""
+    failed_before = plan.done_before[STATUS_ERROR]
+    print(
+        f"[extract] {len(videos)} videos in {config.input}{skipped}: {len(plan.todo)} to extract, "
+        f"{plan.done_before[STATUS_OK]} already done, {failed_before} failed before"
+        + (" (--retry-errors retries them)" if failed_before else ""),
+        flush=True,
+    )
+    for uri, kind in listing.suspicious[:20]:
+        print(f"[extract]   skipped {uri}: {kind}", flush=True)
+    if len(listing.suspicious) > 20:
+        print(f"[extract]   ... and {len(listing.suspicious) - 20} more named like videos", flush=True)
 
 
 def _check_same_extraction(output: str, metadata: dict | None, encoder: EncoderRef, num_frames: int) -> None:

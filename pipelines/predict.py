@@ -26,6 +26,7 @@ if not __package__:  # `python pipelines/predict.py`: run it inside its package
     import _script  # noqa: F401
 
 import numpy as np
+import pyarrow.fs as pafs
 
 from timerefine.data.storage import Storage, video_id_from_uri
 from timerefine.encoders import RANDOM_ENCODERS, EncoderRef, resolve_encoder
@@ -86,9 +87,11 @@ def config_from_args(args: argparse.Namespace) -> PredictConfig:
 
 def run(config: PredictConfig) -> PredictResult:
     """Predict one query; raises ``jobs.JobError`` when the checkpoint or the video cannot be used."""
-    from timerefine.checkpoint import fetch_checkpoint, load_checkpoint
+    from timerefine.checkpoint import check_checkpoint, fetch_checkpoint, load_checkpoint
 
     storage = config.cluster.storage()
+    check_checkpoint(config.checkpoint, storage)  # both inputs are checked before a model loads
+    check_video_file(config.video, storage)
     with tempfile.TemporaryDirectory(prefix="timerefine-ckpt-") as staging:
         model = load_checkpoint(fetch_checkpoint(config.checkpoint, storage, Path(staging)))
     encoder = encoder_for(model.config.encoder, config.encoder)
@@ -107,6 +110,19 @@ def run(config: PredictConfig) -> PredictResult:
     }
     print(json.dumps(record) if config.json else describe(record))
     return PredictResult(record)
+
+
+def check_video_file(uri: str, storage: Storage) -> None:
+    """Refuse a video path that names nothing, a folder or an empty file (decoding would say so too, but
+    only after the model and the encoder have loaded)."""
+    filesystem, path = storage.resolve(uri)
+    info = filesystem.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{uri}: no such video file")
+    if info.type != pafs.FileType.File:
+        raise ValueError(f"{uri}: is a folder; --video takes one video file")
+    if info.size == 0:
+        raise ValueError(f"{uri}: the file is empty (0 bytes)")
 
 
 def encoder_for(recorded: str | None, override: str | None) -> EncoderRef:

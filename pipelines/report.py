@@ -159,6 +159,8 @@ def read_results(uri: str, storage: Storage | None = None) -> SweepResults:
 
 def _list_folder(storage: Storage, uri: str) -> dict[str, pafs.FileType]:
     filesystem, path = storage.resolve(uri)
+    if storage.file_type(uri) == pafs.FileType.File:
+        raise StorageError(f"{uri}: is a file; give the folder a sweep writes, <storage>/<name>")
     try:
         infos = filesystem.get_file_info(pafs.FileSelector(path, recursive=False))
     except FileNotFoundError:
@@ -170,12 +172,35 @@ def _exists(storage: Storage, uri: str) -> bool:
     return storage.file_type(uri) == pafs.FileType.File
 
 
+def _read_text(storage: Storage, uri: str) -> str:
+    data = storage.read_bytes(uri)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise ValueError(f"{uri}:{line}: not UTF-8 text (byte {error.start})") from None
+
+
+def _read_json(storage: Storage, uri: str) -> Any:
+    try:
+        return json.loads(_read_text(storage, uri))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{uri}:{error.lineno}: invalid JSON at column {error.colno}: {error.msg}") from None
+
+
 def _read_optional_json(storage: Storage, uri: str) -> dict[str, Any] | None:
-    return json.loads(storage.read_bytes(uri)) if _exists(storage, uri) else None
+    return _read_json(storage, uri) if _exists(storage, uri) else None
 
 
 def _read_optional_yaml(storage: Storage, uri: str) -> dict[str, Any] | None:
-    return yaml.safe_load(storage.read_bytes(uri)) if _exists(storage, uri) else None
+    if not _exists(storage, uri):
+        return None
+    try:
+        return yaml.safe_load(_read_text(storage, uri))
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{uri}:{mark.line + 1}" if mark else uri
+        raise ValueError(f"{where}: not valid YAML: {getattr(error, 'problem', error)}") from None
 
 
 def _experiment_state(storage: Storage, uri: str, entries: dict[str, pafs.FileType]) -> list[dict] | None:
@@ -185,8 +210,12 @@ def _experiment_state(storage: Storage, uri: str, entries: dict[str, pafs.FileTy
     )
     if not names:
         return None
-    document = json.loads(storage.read_bytes(join_uri(uri, names[-1])))
-    return [json.loads(trial_state) for trial_state, _runtime in document["trial_data"]]
+    state_uri = join_uri(uri, names[-1])
+    document = _read_json(storage, state_uri)
+    try:
+        return [json.loads(trial_state) for trial_state, _runtime in document["trial_data"]]
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{state_uri}: not an experiment state Tune wrote ({error!r})") from None
 
 
 def _read_trial(storage: Storage, uri: str, state: dict[str, Any]) -> TrialResult:
@@ -194,15 +223,16 @@ def _read_trial(storage: Storage, uri: str, state: dict[str, Any]) -> TrialResul
     result_uri = join_uri(uri, folder, "result.json")
     rows = []
     if _exists(storage, result_uri):
-        for line_number, line in enumerate(storage.read_bytes(result_uri).decode().splitlines(), start=1):
+        for line_number, line in enumerate(_read_text(storage, result_uri).splitlines(), start=1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError:  # the last line of a trial killed while Tune wrote it
                     print(f"[report] {result_uri}:{line_number}: skipped an incomplete line", file=sys.stderr)
     by_epoch = {row["epoch"]: row for row in rows if "epoch" in row}  # a resumed trial's latest row wins
-    knobs = state.get("config") or (rows[0]["config"] if rows else {})
-    trial_id = state["trial_id"] if state["trial_id"] != "?" else (rows[0]["trial_id"] if rows else folder)
+    first = rows[0] if rows else {}
+    knobs = state.get("config") or first.get("config") or {}
+    trial_id = state["trial_id"] if state["trial_id"] != "?" else first.get("trial_id", folder)
     return TrialResult(
         trial_id, folder, dict(knobs), state["status"], [by_epoch[e] for e in sorted(by_epoch)]
     )

@@ -52,7 +52,8 @@ if not __package__:  # `python pipelines/sweep.py`: run it inside its package
 import pyarrow.fs as pafs
 import yaml
 
-from timerefine.data.storage import Storage, StorageError, is_s3_uri, join_uri
+from timerefine.data.storage import Storage, is_s3_uri, join_uri
+from timerefine.errors import INPUT_ERRORS
 from timerefine.training import TrainConfig
 
 from . import jobs, report
@@ -133,10 +134,17 @@ def load_sweep_config(path: str | Path, base: Path | None = None) -> SweepConfig
     """Read and check a sweep file; relative local data paths are taken from ``base`` (default: the current
     directory) and made absolute, since trials run in their own directories."""
     path = Path(path)
+    if path.is_dir():
+        raise SweepConfigError(f"{path}: is a folder; --config takes a sweep file (YAML)")
     try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = path.read_bytes()
     except FileNotFoundError:
         raise SweepConfigError(f"{path}: no such sweep file") from None
+    try:
+        document = yaml.safe_load(data.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise SweepConfigError(f"{path}, line {line}: not UTF-8 text (byte {error.start})") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -351,6 +359,7 @@ def run(job: SweepJobConfig) -> SweepResult:
     storage = job.cluster.storage()
     experiment_uri = join_uri(storage.canonical(job.storage or config.storage), config.name)
     check_data(config.data, storage)
+    jobs.check_output_folder(experiment_uri, storage)
     claim_sweep_folder(config, experiment_uri, storage)
 
     written = None
@@ -368,8 +377,23 @@ def run(job: SweepJobConfig) -> SweepResult:
     return SweepResult(experiment_uri, failed, written)
 
 
+def progress(job: SweepJobConfig) -> str:
+    """What an interrupted sweep had committed (the job protocol's line after an interrupt)."""
+    config = load_sweep_config(job.config)
+    storage = job.cluster.storage()
+    experiment_uri = join_uri(storage.canonical(job.storage or config.storage), job.name or config.name)
+    results = report.read_results(experiment_uri, storage)
+    epochs = sum(len(trial.epochs) for trial in results.trials)
+    return (
+        f"{len(results.trials)} trial(s) with {epochs} checkpointed epoch(s) in all are kept in "
+        f"{experiment_uri}; {jobs.RESUME} (finished trials are not run again)"
+    )
+
+
 def check_data(data: Mapping[str, str], storage: Storage) -> None:
-    """Fail in the driver, before any trial starts, when an input is missing (every trial would fail)."""
+    """Fail in the driver, before any trial starts, when an input is missing or unreadable (every trial
+    would fail the same way)."""
+    from timerefine.data.annotations import read_annotations
     from timerefine.features import part_uris
 
     if not part_uris(data["features"], storage):
@@ -378,6 +402,7 @@ def check_data(data: Mapping[str, str], storage: Storage) -> None:
         uri = data[split]
         if storage.file_type(uri) != pafs.FileType.File:
             raise FileNotFoundError(f"{uri}: no such annotation file (data.{split})")
+        read_annotations(uri, durations=data.get("durations"), storage=storage)
 
 
 def claim_sweep_folder(config: SweepConfig, experiment_uri: str, storage: Storage) -> None:
@@ -390,7 +415,13 @@ def claim_sweep_folder(config: SweepConfig, experiment_uri: str, storage: Storag
     if storage.file_type(config_uri) == pafs.FileType.NotFound:
         storage.write_bytes(config_uri, yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
         return
-    stored, wanted = yaml.safe_load(storage.read_bytes(config_uri)), config.to_dict()
+    try:
+        stored = yaml.safe_load(storage.read_bytes(config_uri))
+    except yaml.YAMLError as error:
+        raise SweepConfigError(f"{config_uri}: not valid YAML ({error}); delete it to start over") from None
+    wanted = config.to_dict()
+    if not isinstance(stored, dict):
+        raise SweepConfigError(f"{config_uri}: not a sweep configuration; delete it to start over")
     if stored != wanted:
         changed = sorted(key for key in stored.keys() | wanted.keys() if stored.get(key) != wanted.get(key))
         raise SweepConfigError(
@@ -407,6 +438,10 @@ def fit(config: SweepConfig, experiment_uri: str, storage: Storage) -> list[str]
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
 
+    # Tune's own Ctrl-C handler ends the sweep as if done, and the driver would go on to evaluate and report
+    # a partial sweep; without it Ctrl-C interrupts as SIGTERM does (the job protocol's line), and a rerun
+    # restores the experiment state Tune saves as it goes.
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     filesystem, experiment_path = storage.resolve(experiment_uri)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, settings=TrialSettings(config, experiment_uri, storage)),
@@ -496,7 +531,7 @@ def evaluate_best_trial(
     )
     try:
         evaluate(evaluation)
-    except (jobs.JobError, StorageError, ValueError, FileNotFoundError) as error:
+    except (jobs.JobError, *INPUT_ERRORS) as error:
         print(
             f"[sweep] the best trial's evaluation failed ({error}); the report goes without it",
             file=sys.stderr,

@@ -27,6 +27,7 @@ import json
 import logging
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 if not __package__:  # `python pipelines/train.py` (what ray job submit runs): run it inside its package
     import _script  # noqa: F401
 
+from timerefine.checkpoint import TRAINER_STATE_FILE
 from timerefine.data.storage import Storage, is_s3_uri, join_uri
 from timerefine.training import GROUPS, TrainConfig
 
@@ -49,6 +51,8 @@ NAME = "train"
 logger = logging.getLogger("timerefine.train")
 
 SUMMARY_FILE = "training_summary.json"
+METRICS_FILE = "metrics.json"  # an epoch's metrics, beside its checkpoint
+CHECKPOINT_PREFIX = "checkpoint_epoch_"  # timerefine.loop.checkpoint_name's
 SELECTION_METRIC = "val_mIoU"
 # Paths in the training configuration, made absolute before workers (in their own directories) see them.
 _PATHS = ("features", "train", "val", "durations")
@@ -179,6 +183,7 @@ def run(config: TrainJobConfig) -> TrainResult:
     if config.resources.local_mode and is_s3_uri(config.output):
         raise jobs.JobError("--workers 0 (in-process) writes checkpoints to a local --output only")
     _check_inputs(config.train, storage)
+    jobs.check_output_folder(config.output, storage)
     _announce_resume(config, storage)
     try:
         with ray_connection(config.cluster, enabled=not config.resources.local_mode):
@@ -190,18 +195,33 @@ def run(config: TrainJobConfig) -> TrainResult:
     return result
 
 
+def progress(config: TrainJobConfig) -> str:
+    """What an interrupted run had committed (the job protocol's line after an interrupt)."""
+    if config.resources.local_mode:
+        return f"checkpoints so far are in {config.run_uri}; --workers 0 does not resume: a rerun starts over"
+    latest = _latest_epoch(config, config.cluster.storage())
+    if latest is None:
+        return f"no epoch of {config.run_uri} had finished; {jobs.RESUME} (from the start)"
+    return f"every epoch up to {latest} is checkpointed in {config.run_uri}; {jobs.RESUME} after it"
+
+
 def build_trainer(config: TrainJobConfig, storage: Storage, callbacks: list | None = None) -> TorchTrainer:
     """The TorchTrainer of a run (Ray Tune's sweep builds one per trial, with its report callback)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    filesystem, storage_path = storage.resolve(config.output)
+    from .torch_store import LoopbackTorchConfig
+
+    filesystem, storage_path = storage.portable_filesystem(config.output)  # keeps its S3 retries in workers
     return TorchTrainer(
         train_loop_per_worker,
+        torch_config=LoopbackTorchConfig(),  # a local run's process group listens on 127.0.0.1 only
         train_loop_config={
             "config": config.train.to_dict(),
             "storage": storage,
             "local_checkpoints": config.run_uri if config.resources.local_mode else None,
+            "run": None if config.resources.local_mode else config.run_uri,
+            "name": config.name,
         },
         scaling_config=config.resources.scaling_config(),
         run_config=RunConfig(
@@ -219,15 +239,16 @@ def fit(config: TrainJobConfig, storage: Storage) -> TrainResult:
     """Run the trainer and write ``training_summary.json`` beside the run's checkpoints."""
     from timerefine.loop import checkpoint_name
 
-    result = build_trainer(config, storage).fit()
+    result = _fit_in_a_thread(build_trainer(config, storage))
     history = result.return_value or []
     if config.resources.local_mode:
-        reported = [(None, metrics) for metrics in history]
-        final_dir = {m["epoch"]: join_uri(config.run_uri, checkpoint_name(m["epoch"])) for m in history}
+        by_epoch = {metrics["epoch"]: metrics for metrics in history}
     else:
-        reported = result.best_checkpoints or []
-        final_dir = {m["epoch"]: _checkpoint_uri(c, config) for c, m in reported}
-    epochs = sorted((metrics for _, metrics in reported), key=lambda m: m["epoch"])
+        # Every epoch checkpointed in the run folder: Ray Train registers a report only when it next polls
+        # the workers (every 2 s), so a worker lost meanwhile loses the registration, not the checkpoint.
+        by_epoch = {metrics["epoch"]: metrics for _, metrics in result.best_checkpoints or []}
+        by_epoch |= checkpointed_metrics(config.run_uri, storage)
+    epochs = [by_epoch[epoch] for epoch in sorted(by_epoch)]
     validated = bool(epochs) and all(SELECTION_METRIC in m for m in epochs)
     selection = f"best {SELECTION_METRIC}" if validated else "last"
     final_epoch = None
@@ -236,7 +257,7 @@ def fit(config: TrainJobConfig, storage: Storage) -> TrainResult:
         final_epoch = max(epochs, key=key)["epoch"]
     summary = TrainResult(
         run=config.run_uri,
-        final_checkpoint=final_dir[final_epoch] if final_epoch is not None else None,
+        final_checkpoint=join_uri(config.run_uri, checkpoint_name(final_epoch)) if epochs else None,
         final_epoch=final_epoch,
         selection=selection,
         epochs=[_plain(m) for m in epochs],
@@ -247,6 +268,27 @@ def fit(config: TrainJobConfig, storage: Storage) -> TrainResult:
         join_uri(config.run_uri, SUMMARY_FILE), (json.dumps(document, indent=2) + "\n").encode()
     )
     return summary
+
+
+def _fit_in_a_thread(trainer: TorchTrainer):
+    """``trainer.fit()``, waited for here. Called from the main thread, Ray Train installs its own Ctrl-C
+    handler, which aborts the workers gracefully (14 s measured on 2 busy cores) and then exits the process
+    without a word of what was committed; from another thread it installs none (as in Tune's trials), so
+    Ctrl-C interrupts this wait at once, as SIGTERM does, and the job protocol ends the run."""
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as error:  # re-raised in the caller's thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)  # daemon: Ray stops it
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -269,23 +311,65 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
         world_size=context.get_world_size(),
         device=ray.train.torch.get_device(),
         prepare_model=ray.train.torch.prepare_model,
-        resume_from=_ray_checkpoint,
+        resume_from=lambda: _newest_complete_checkpoint(loop_config["run"], loop_config["storage"]),
         report=_ray_report(context.get_world_rank(), loop_config["local_checkpoints"]),
+        log=lambda line: print(f"[train {loop_config['name']}] {line}", flush=True),
     )
     return train(config, load_training_data(config, loop_config["storage"]), hooks)
 
 
 @contextmanager
-def _ray_checkpoint() -> Iterator[Path | None]:
-    """Ray Train's latest checkpoint of this run (after a restart or a resumed run), as a local directory."""
-    import ray.train
+def _newest_complete_checkpoint(run_uri: str | None, storage: Storage) -> Iterator[Path | None]:
+    """The newest complete checkpoint in the run folder (after a restart or a resumed run), as a local
+    directory; None to start afresh (and always in local mode, which does not resume).
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        yield None
-        return
-    with checkpoint.as_directory() as directory:
-        yield Path(directory)
+    The folder, not Ray Train's registry, is what a run resumes from: a checkpoint is written whole before
+    its report, while Ray Train registers reports only when it next polls the workers, so a worker killed
+    in between would otherwise cost the epochs since that poll. A checkpoint damaged since it was written
+    (a file deleted or cut short by hand, a copy interrupted) would fail every restart the same way: it is
+    refused, saying why, and the one before it is used.
+    """
+    from timerefine.checkpoint import fetch_checkpoint, training_checkpoint_problem
+
+    names = epoch_checkpoints(run_uri, storage) if run_uri is not None else []
+    for name in reversed(names):
+        uri = join_uri(run_uri, name)
+        with tempfile.TemporaryDirectory(prefix="timerefine-resume-") as staging:
+            directory = fetch_checkpoint(uri, storage, Path(staging))
+            problem = training_checkpoint_problem(directory)
+            if problem is None:
+                yield directory
+                return
+        print(f"[train] refusing checkpoint {uri}: {problem}; trying the one before", flush=True)
+    if names:
+        print(f"[train] no complete checkpoint in {run_uri}: starting from the first epoch", flush=True)
+    yield None
+
+
+def epoch_checkpoints(run_uri: str, storage: Storage) -> list[str]:
+    """The names of the run's epoch checkpoint folders (``checkpoint_epoch_NNN``), oldest first."""
+    import pyarrow.fs as pafs
+
+    filesystem, path = storage.resolve(run_uri)
+    infos = filesystem.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(
+        info.base_name
+        for info in infos
+        if info.type == pafs.FileType.Directory and info.base_name.startswith(CHECKPOINT_PREFIX)
+    )
+
+
+def checkpointed_metrics(run_uri: str, storage: Storage) -> dict[int, dict[str, Any]]:
+    """Each checkpointed epoch's metrics, as written beside its checkpoint (``metrics.json``)."""
+    import pyarrow.fs as pafs
+
+    metrics = {}
+    for name in epoch_checkpoints(run_uri, storage):
+        uri = join_uri(run_uri, name, METRICS_FILE)
+        if storage.file_type(uri) == pafs.FileType.File:
+            epoch_metrics = json.loads(storage.read_bytes(uri))
+            metrics[epoch_metrics["epoch"]] = epoch_metrics
+    return metrics
 
 
 def _ray_report(rank: int, local_checkpoints: str | None):
@@ -294,17 +378,21 @@ def _ray_report(rank: int, local_checkpoints: str | None):
 
     from timerefine.loop import checkpoint_name
 
+    def write_with_metrics(directory: Path, metrics: dict[str, Any], write_checkpoint) -> None:
+        write_checkpoint(directory)
+        (directory / METRICS_FILE).write_text(json.dumps(_plain(metrics), indent=2) + "\n")
+
     def report(metrics: dict[str, Any], write_checkpoint) -> None:
         name = checkpoint_name(metrics["epoch"])
         if local_checkpoints is not None:  # local mode: Ray Train stores nothing, so the checkpoint is final
             directory = Path(local_checkpoints) / name
-            write_checkpoint(directory)
+            write_with_metrics(directory, metrics, write_checkpoint)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)))
             return
         with tempfile.TemporaryDirectory(prefix="timerefine-ckpt-") as staging:
             checkpoint = None
             if rank == 0:
-                write_checkpoint(Path(staging))
+                write_with_metrics(Path(staging), metrics, write_checkpoint)
                 checkpoint = ray.train.Checkpoint.from_directory(staging)
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
 
@@ -313,10 +401,6 @@ def _ray_report(rank: int, local_checkpoints: str | None):
 
 # ---------------------------------------------------------------------------------------------------------
 # Driver side
-
-
-def _checkpoint_uri(checkpoint, config: TrainJobConfig) -> str:
-    return f"s3://{checkpoint.path}" if is_s3_uri(config.output) else checkpoint.path
 
 
 def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -349,16 +433,16 @@ def _announce_resume(config: TrainJobConfig, storage: Storage) -> None:
 
 
 def _latest_epoch(config: TrainJobConfig, storage: Storage) -> int | None:
+    """The newest epoch with a checkpoint in the run folder (its workers check it is whole before using
+    it); None in local mode, which does not resume."""
+    import pyarrow.fs as pafs
+
     if config.resources.local_mode:
         return None
-    from ray.train import Result
-
-    filesystem, path = storage.resolve(config.run_uri)
-    try:
-        result = Result.from_path(path, storage_filesystem=filesystem)
-    except RuntimeError:  # no run directory, or no checkpoint reported yet
-        return None
-    return result.metrics["epoch"] if result.metrics else None
+    for name in reversed(epoch_checkpoints(config.run_uri, storage)):
+        if storage.file_type(join_uri(config.run_uri, name, TRAINER_STATE_FILE)) == pafs.FileType.File:
+            return int(name.removeprefix(CHECKPOINT_PREFIX))
+    return None
 
 
 def _print_summary(summary: TrainResult) -> None:

@@ -47,6 +47,16 @@ def test_a_video_decodes_into_a_row_of_cropped_frames(decoder, sample_videos, sa
     np.testing.assert_allclose(times, expected, atol=1e-3)
 
 
+def test_frames_stay_as_decoded_when_the_next_video_comes_through_the_shared_buffer(decoder, sample_videos):
+    first = decoder.decode(str(sample_videos["counter_10fps"]), name="first")
+    kept = first.frames.copy()
+
+    second = decoder.decode(str(sample_videos["rotated_90"]), name="second")
+
+    np.testing.assert_array_equal(first.frames, kept)  # a copy, not a view of the buffer
+    assert not np.array_equal(second.frames, kept)
+
+
 def test_bytes_decode_like_the_file(decoder, sample_videos):
     path = sample_videos["vfr_offset"]
 

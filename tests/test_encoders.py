@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
+from timerefine.cache import LOCKS
 from timerefine.encoders import (
     DEFAULT_ENCODER,
     RANDOM_ENCODERS,
@@ -56,7 +57,8 @@ def test_default_encoder_is_built_once_and_loaded_through_from_pretrained(encode
     assert len(ref.revision) == 12 and int(ref.revision, 16) >= 0
     assert resolve_encoder(DEFAULT_ENCODER) == ref  # the revision is a function of config and seed
     assert build_random_encoder() == directory  # built once, then found
-    assert not [path for path in directory.parent.iterdir() if path.name.startswith(".")]
+    # No staging folder left beside it; the cache's locks live apart, in .locks/.
+    assert [path.name for path in directory.parent.iterdir() if path.name.startswith(".")] == [LOCKS]
 
     config = json.loads((directory / "config.json").read_text())
     assert (config["image_size"], config["patch_size"], config["projection_dim"]) == (128, 16, 768)

@@ -15,11 +15,13 @@ from timerefine.data.storage import Storage
 from timerefine.features import (
     STATUS_ERROR,
     STATUS_OK,
+    committed_rows,
     committed_statuses,
     feature_rows_to_table,
     load_features,
     part_name,
     read_feature_table,
+    remove_rows,
     write_feature_part,
 )
 
@@ -47,13 +49,13 @@ def test_a_feature_part_reads_back_in_plain_pyarrow_and_pandas(tmp_path):
     assert frame["features"][1] is None and frame["error"][1] == "no such file"
 
 
-def write_rows(folder, rows: list[dict], encoder: str = "enc@1") -> None:
+def write_rows(folder, rows: list[dict], encoder: str = "enc@1") -> str:
     features = {
         row["video_id"]: np.full((2, 3), len(row["video_id"]), np.float16)
         for row in rows
         if row["status"] == STATUS_OK
     }
-    write_feature_part(feature_rows_to_table(rows, features, 2, 3, encoder), str(folder), Storage())
+    return write_feature_part(feature_rows_to_table(rows, features, 2, 3, encoder), str(folder), Storage())
 
 
 def row(video_id: str, status: str) -> dict:
@@ -102,3 +104,26 @@ def test_an_empty_folder_has_no_committed_videos_and_no_table(tmp_path):
     assert committed_statuses(str(tmp_path / "new")) == ({}, None)
     with pytest.raises(FileNotFoundError, match="no feature table"):
         read_feature_table(str(tmp_path))
+
+
+def test_rows_are_removed_by_rewriting_each_part_in_place(tmp_path):
+    first = write_rows(tmp_path, [row("a", STATUS_OK), row("bb", STATUS_ERROR)])
+    second = write_rows(tmp_path, [row("bb", STATUS_OK)])  # bb doubled, as older versions left it
+    third = write_rows(tmp_path, [row("ccc", STATUS_ERROR)])
+    committed = committed_rows(str(tmp_path))
+    rows = sorted(zip(committed.video_ids, committed.parts, strict=True))
+    assert rows == sorted([("a", first), ("bb", first), ("bb", second), ("ccc", third)])
+    assert committed.extra_rows() == {first: {"bb"}}
+    assert committed.rows_of({"ccc", "zz"}) == {third: {"ccc"}}  # a retried video's error row
+
+    removed = remove_rows({**committed.extra_rows(), **committed.rows_of({"ccc"})}, Storage())
+
+    assert removed == 2
+    assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(first), os.path.basename(second)])
+    plain = pd.read_parquet(tmp_path)  # a plain reader: one row a video
+    assert sorted(zip(plain.video_id, plain.status, strict=True)) == [("a", STATUS_OK), ("bb", STATUS_OK)]
+    rewritten = pq.read_table(first)
+    assert rewritten.schema == pq.read_table(second).schema  # the tensor type and metadata survive
+    np.testing.assert_array_equal(
+        rewritten.column("features").chunk(0).to_numpy_ndarray()[0], np.ones((2, 3))
+    )

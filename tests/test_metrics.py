@@ -213,6 +213,7 @@ def test_score_joins_on_string_qids():
         ([Prediction("q1", GT), Prediction("q1", GT)], [query("q1", GT)], "two predictions"),
         ([], [query("q1", GT), query("q1", GT)], "twice in the annotations"),
         ([], [], "no annotated queries"),
+        ([], [query("q1", GT), query("q2", GT)], "no predictions to score against 2 annotated queries"),
     ],
 )
 def test_score_rejects_joins_it_cannot_trust(predictions, queries, message):

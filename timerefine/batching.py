@@ -57,6 +57,7 @@ class Batch:
     video_mask: torch.Tensor  # (B, L) bool, exactly num_frames True per row, in frame order
     labels: torch.Tensor  # (B, L) long: the token at that position on answer tokens, else IGNORE_INDEX
     offset_mask: torch.Tensor  # (B, L) bool: input positions of answer <offset> tokens
+    prompt_mask: torch.Tensor  # (B, L) bool: the prompt's text tokens (the question and its template)
     features: torch.Tensor  # (B, num_frames, feature_dim) float32
     window_fractions: torch.Tensor  # (B, 2) float32: (start, end) / duration, zeros where unknown
     durations: torch.Tensor  # (B,) float32, seconds
@@ -124,6 +125,7 @@ def make_batch(
         video_mask=torch.tensor([pad(row.is_video, False) for row in rows]),
         labels=torch.tensor([pad(row.labels, IGNORE_INDEX) for row in rows]),
         offset_mask=torch.tensor([pad(row.is_offset, False) for row in rows]),
+        prompt_mask=torch.tensor([pad(row.is_prompt, False) for row in rows]),
         features=_stack_features(samples, num_frames),
         window_fractions=torch.tensor(
             [_window_fractions(s, i) for i, s in enumerate(samples)], dtype=torch.float32
@@ -138,6 +140,7 @@ class _Row:
     is_video: list[bool]
     labels: list[int]
     is_offset: list[bool]
+    is_prompt: list[bool]
 
 
 def _encode(
@@ -163,6 +166,7 @@ def _encode(
         is_video=[False] * len(before) + [True] * num_frames + [False] * (len(after) + len(answer)),
         labels=[IGNORE_INDEX] * len(prompt) + answer,
         is_offset=[False] * len(prompt) + [token == offset_id for token in answer],
+        is_prompt=[True] * len(before) + [False] * num_frames + [True] * len(after) + [False] * len(answer),
     )
 
 

@@ -5,6 +5,10 @@ the feature encoder, the format), ``weights.safetensors`` (``TimeRefineModel.tra
 ``tokenizer/`` and, for full fine-tuning, ``llm/`` (``save_pretrained``). A training run adds the
 optimiser's tensors (``optimizer.safetensors``) and its scalars and the trainer's position
 (``trainer_state.json``), which is what a resumed run continues from.
+
+torch and transformers are imported where weights are read or written: a job checks its ``--checkpoint``
+(``check_checkpoint``) before it starts Ray or loads a model, and should not pay seconds of imports to
+refuse a wrong path.
 """
 
 from __future__ import annotations
@@ -12,18 +16,20 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow.fs as pafs
-import torch
-from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from timerefine.data.storage import Storage
-from timerefine.llm import load_llm
-from timerefine.model import ModelConfig, TimeRefineModel
+from timerefine.data.storage import Storage, join_uri
+
+if TYPE_CHECKING:
+    import torch
+
+    from timerefine.model import TimeRefineModel
 
 CHECKPOINT_FORMAT = 1
+META_FILE = "timerefine.json"
+WEIGHTS_FILE = "weights.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"
 
@@ -40,9 +46,11 @@ class _CheckpointMeta:
 def save_checkpoint(model: TimeRefineModel, directory: str | Path) -> Path:
     """Write ``directory`` with ``timerefine.json`` (config, base LLM, encoder), ``weights.safetensors``
     (``trainable_state_dict``), ``tokenizer/`` and, for full fine-tuning, ``llm/`` (safetensors)."""
+    from safetensors.torch import save_file
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(model.trainable_state_dict(), directory / "weights.safetensors")
+    save_file(model.trainable_state_dict(), directory / WEIGHTS_FILE)
     model.tokenizer.save_pretrained(directory / "tokenizer")
     if model.full_finetune:
         model.causal_lm.save_pretrained(directory / "llm")
@@ -52,7 +60,7 @@ def save_checkpoint(model: TimeRefineModel, directory: str | Path) -> Path:
         base_llm=model.config.llm,
         encoder=model.config.encoder,
     )
-    (directory / "timerefine.json").write_text(json.dumps(asdict(meta), indent=2) + "\n")
+    (directory / META_FILE).write_text(json.dumps(asdict(meta), indent=2) + "\n")
     return directory
 
 
@@ -62,15 +70,17 @@ def load_checkpoint(
     """The model ``save_checkpoint`` wrote, in eval mode (call ``.train()`` to resume training). LoRA
     checkpoints rebuild their base LLM from ``config.llm``, which must still resolve to the same weights (a
     hub id, a path, a GGUF or the default)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from timerefine.llm import load_llm
+    from timerefine.model import ModelConfig, TimeRefineModel
+
     directory = Path(directory)
-    meta_path = directory / "timerefine.json"
+    meta_path = directory / META_FILE
     if not meta_path.is_file():
         raise FileNotFoundError(f"{meta_path} not found: {directory} is not a timerefine checkpoint")
-    meta = _CheckpointMeta(**json.loads(meta_path.read_text()))
-    if meta.format != CHECKPOINT_FORMAT:
-        raise ValueError(
-            f"{meta_path}: checkpoint format {meta.format}, this version reads {CHECKPOINT_FORMAT}"
-        )
+    meta = _parse_meta(meta_path.read_bytes(), str(meta_path))
     config = ModelConfig(**meta.model)
     tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer")
     if meta.full_llm:
@@ -78,8 +88,44 @@ def load_checkpoint(
     else:
         llm, _ = load_llm(config.llm, dtype=config.torch_dtype, home=home)
     model = TimeRefineModel(config, llm, tokenizer)
-    model.load_trainable_state_dict(load_file(directory / "weights.safetensors"))
+    model.load_trainable_state_dict(load_file(directory / WEIGHTS_FILE))
     return model.to(device).eval()
+
+
+def check_checkpoint(uri: str, storage: Storage) -> None:
+    """Refuse, without loading a weight, what is not a checkpoint this version reads: a job checks its
+    ``--checkpoint`` this way before starting Ray or loading a model."""
+    kind = storage.file_type(uri)
+    if kind == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{uri}: no such checkpoint folder")
+    if kind != pafs.FileType.Directory:
+        raise ValueError(
+            f"{uri}: is a file; a checkpoint is a folder ({META_FILE}, {WEIGHTS_FILE}, tokenizer/)"
+        )
+    meta_uri, weights_uri = join_uri(uri, META_FILE), join_uri(uri, WEIGHTS_FILE)
+    if storage.file_type(meta_uri) != pafs.FileType.File:
+        raise ValueError(f"{uri}: not a timerefine checkpoint (no {META_FILE})")
+    _parse_meta(storage.read_bytes(meta_uri), meta_uri)
+    if storage.file_type(weights_uri) != pafs.FileType.File:
+        raise ValueError(f"{uri}: incomplete checkpoint, {WEIGHTS_FILE} is missing")
+
+
+def _parse_meta(data: bytes, source: str) -> _CheckpointMeta:
+    try:
+        document = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{source}: not UTF-8 text (byte {error.start})") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{source}:{error.lineno}: invalid JSON at column {error.colno}: {error.msg}"
+        ) from None
+    try:
+        meta = _CheckpointMeta(**document)
+    except TypeError as error:  # not an object, or keys this version does not know
+        raise ValueError(f"{source}: not a timerefine checkpoint description ({error})") from None
+    if meta.format != CHECKPOINT_FORMAT:
+        raise ValueError(f"{source}: checkpoint format {meta.format}, this version reads {CHECKPOINT_FORMAT}")
+    return meta
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -111,6 +157,9 @@ def fetch_checkpoint(uri: str, storage: Storage, staging: Path) -> Path:
 
 def save_training_state(directory: str | Path, optimizer: torch.optim.Optimizer, state: TrainerState) -> None:
     """Optimiser tensors in safetensors and everything else in JSON: no pickle, so loading runs no code."""
+    import torch
+    from safetensors.torch import save_file
+
     directory = Path(directory)
     optimizer_state = optimizer.state_dict()
     tensors, scalars = {}, {}
@@ -129,8 +178,34 @@ def save_training_state(directory: str | Path, optimizer: torch.optim.Optimizer,
     (directory / TRAINER_STATE_FILE).write_text(json.dumps(document, indent=2) + "\n")
 
 
+def training_checkpoint_problem(directory: str | Path) -> str | None:
+    """What makes ``directory`` unusable to resume a run from (None when it is complete): a file missing,
+    a JSON file cut short, safetensors whose header does not match their size. Reads no tensor."""
+    from safetensors import SafetensorError, safe_open
+
+    directory = Path(directory)
+    for name in (META_FILE, WEIGHTS_FILE, "tokenizer", OPTIMIZER_FILE, TRAINER_STATE_FILE):
+        if not (directory / name).exists():
+            return f"{name} is missing"
+    tokenizer_files = sorted(path.relative_to(directory) for path in (directory / "tokenizer").glob("*.json"))
+    for name in (META_FILE, TRAINER_STATE_FILE, *tokenizer_files):
+        try:
+            json.loads((directory / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            return f"{name} is unreadable ({error})"
+    for name in (WEIGHTS_FILE, OPTIMIZER_FILE):
+        try:
+            with safe_open(directory / name, framework="numpy") as tensors:
+                tensors.keys()
+        except (SafetensorError, OSError) as error:
+            return f"{name} is unreadable ({error})"
+    return None
+
+
 def load_training_state(directory: str | Path, optimizer: torch.optim.Optimizer) -> TrainerState:
     """Restore the optimiser written by ``save_training_state`` and return the trainer's state."""
+    from safetensors.torch import load_file
+
     directory = Path(directory)
     path = directory / TRAINER_STATE_FILE
     if not path.is_file():

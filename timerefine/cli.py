@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
+from timerefine.errors import INPUT_ERRORS, check_output_path, describe
+
 # subcommand -> (module, one-line help). The module provides add_arguments(parser) and run(args).
 RAY_JOBS: dict[str, tuple[str, str]] = {
     "extract": ("extract_features", "extract CLIP features from videos (local or s3://) with Ray Data"),
@@ -61,10 +63,10 @@ def _read(path: str, args: argparse.Namespace):
     return queries
 
 
-def _emit_metrics(metrics: dict, name: str, output: str | None, extra_rows: dict | None = None) -> None:
+def _emit_metrics(metrics: dict, name: str, output: str | None) -> None:
     from timerefine.metrics import format_table
 
-    print(format_table({**(extra_rows or {}), name: metrics}))
+    print(format_table({name: metrics}))
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(json.dumps(metrics, indent=2) + "\n")
@@ -74,6 +76,7 @@ def _emit_metrics(metrics: dict, name: str, output: str | None, extra_rows: dict
 def cmd_convert(args: argparse.Namespace) -> int:
     from timerefine.data.annotations import write_jsonl
 
+    check_output_path(args.output)
     n = write_jsonl(_read(args.input, args), args.output)
     print(f"wrote {n} queries to {args.output}", file=sys.stderr)
     return 0
@@ -82,6 +85,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_score(args: argparse.Namespace) -> int:
     from timerefine.metrics import read_predictions, score
 
+    if args.output:
+        check_output_path(args.output)
     queries = _read(args.annotations, args)
     metrics = score(read_predictions(args.predictions), queries, compat=args.compat)
     _emit_metrics(metrics, Path(args.predictions).name, args.output)
@@ -91,6 +96,8 @@ def cmd_score(args: argparse.Namespace) -> int:
 def cmd_baseline(args: argparse.Namespace) -> int:
     from timerefine.baselines import fit_prior, score_prior
 
+    if args.output:
+        check_output_path(args.output)
     train = _read(args.fit, args)
     test = _read(args.annotations, args)
     prior = fit_prior(args.kind, train, seed=args.seed, objective=args.objective)
@@ -103,6 +110,7 @@ def cmd_baseline(args: argparse.Namespace) -> int:
 def cmd_synth(args: argparse.Namespace) -> int:
     from timerefine.data.synthetic import SynthConfig, generate_benchmark
 
+    check_output_path(args.output, folder=True)
     summary = generate_benchmark(
         args.output, SynthConfig(videos=args.videos, seed=args.seed, workers=args.workers)
     )
@@ -173,8 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as err:  # bad input: one clear line, no traceback
-        print(f"timerefine {args.command}: error: {err}", file=sys.stderr)
+    except INPUT_ERRORS as error:  # bad input: one clear line, no traceback
+        print(f"timerefine {args.command}: error: {describe(error)}", file=sys.stderr)
         return 2
 
 

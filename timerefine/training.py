@@ -62,24 +62,30 @@ class TrainConfig:
         "method", "redraw rough segments every epoch (default: once per query)", False
     )
     l1_weight: float = _option("method", "lambda, the weight of the auxiliary head's L1", 1.0)
+    direct_epochs: int = _option(
+        "method", "a curriculum: the first N epochs train direct answers, the rest the schedule", 0
+    )
     prompt_layout: str = _option(
         "method", "frames after the question, or before it (the paper's)", QUESTION_FIRST, PROMPT_LAYOUTS
     )
     frame_loss_weight: float = _option(
-        "method", "weight of the per-frame relevance loss (0: no frame head)", 1.0
+        "method", "weight of the per-frame relevance loss (0: no frame head)", 4.0
     )
     time_embedding: str = _option(
         "method",
         "tell each frame slot its time: its bin's tokens, or a learned vector",
-        "none",
+        "digits",
         TIME_EMBEDDINGS,
+    )
+    query_conditioning: bool = _option(
+        "method", "add the question (its mean token embedding, projected) to every frame slot", False
     )
     time_tokens: bool = _option(
         "method", "a bin is one token (<35>), a sign <+> / <->, as the released code", False
     )
     # optimisation
-    epochs: int = _option("optimisation", "training epochs", 10)
-    global_batch_size: int = _option("optimisation", "samples per optimiser step, for any worker count", 32)
+    epochs: int = _option("optimisation", "training epochs", 30)
+    global_batch_size: int = _option("optimisation", "samples per optimiser step, for any worker count", 8)
     micro_batch_size: int = _option("optimisation", "largest samples per forward pass", 8)
     learning_rate: float = _option("optimisation", "peak learning rate (warm-up, then cosine decay)", 3e-3)
     min_lr_ratio: float = _option("optimisation", "the cosine decay's floor, a fraction of the peak", 0.1)
@@ -95,6 +101,10 @@ class TrainConfig:
         self._noise = Schedule.parse(
             self.schedule, contain_gt=self.contain_gt, per_epoch=self.noise_per_epoch
         )
+        if not 0 <= self.direct_epochs <= self.epochs:
+            raise ValueError(
+                f"direct_epochs must be between 0 and epochs ({self.epochs}), got {self.direct_epochs}"
+            )
         for name in ("epochs", "global_batch_size", "micro_batch_size", "val_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -110,6 +120,10 @@ class TrainConfig:
     def parsed_schedule(self) -> Schedule:
         """The refinement schedule (sigmas, containment, per-epoch noise), parsed once."""
         return self._noise
+
+    def epoch_schedule(self, epoch: int) -> Schedule:
+        """What epoch ``epoch`` (from 0) trains on: direct answers in the curriculum, then the schedule."""
+        return Schedule.preset(1) if epoch < self.direct_epochs else self._noise
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -135,6 +149,7 @@ class TrainConfig:
             frame_loss_weight=self.frame_loss_weight,
             time_embedding=self.time_embedding,
             time_tokens=self.time_tokens,
+            query_conditioning=self.query_conditioning,
         )
 
 

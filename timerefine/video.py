@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -38,6 +39,7 @@ except ImportError:  # decord ships wheels for x86-64 only; PyAV serves everywhe
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "decord", "pyav")
+NO_VIDEO_STREAM = "the file has no video stream"
 
 VideoSource = str | os.PathLike | bytes
 
@@ -115,13 +117,15 @@ def sample_frames(
     short_side: int | None = None,
     backend: str = "auto",
     name: str | None = None,
+    threads: int = 0,
 ) -> SampledFrames:
     """Decode the frames at ``sample_indices(num_frames, num_samples)`` and their presentation times.
 
     ``source`` is a local path or a whole file's bytes (an object fetched from S3); ``name`` labels the
     bytes in errors and logs. ``short_side`` resizes (bicubic, aspect kept, no crop) so the shorter side
     has that many pixels. ``backend`` is "auto" (decord, then PyAV if decord cannot read the file),
-    "decord" or "pyav".
+    "decord" or "pyav". ``threads`` is the decoder's thread count (0: FFmpeg's choice, one a core); a
+    pipeline that decodes one video a core asks for 1.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -133,19 +137,21 @@ def sample_frames(
     _check_not_empty(source, label)
 
     def with_pyav() -> SampledFrames:
-        return _pyav_guard(label, lambda: _sample_pyav(source, num_samples, short_side, label))
+        return _pyav_guard(label, lambda: _sample_pyav(source, num_samples, short_side, label, threads))
 
     if backend == "pyav" or (backend == "auto" and decord is None):
         return with_pyav()
     if backend == "decord":
-        return _sample_decord(source, num_samples, short_side, label)
+        return _sample_decord(source, num_samples, short_side, label, threads)
     try:
-        return _sample_decord(source, num_samples, short_side, label)
+        return _sample_decord(source, num_samples, short_side, label, threads)
     except VideoDecodeError as decord_error:
         logger.info("decord cannot read %s (%s); decoding it with PyAV", label, decord_error.reason)
         try:
             return with_pyav()
         except VideoDecodeError as pyav_error:
+            if pyav_error.reason == NO_VIDEO_STREAM:  # the file's own fault; decord's words add nothing
+                raise
             reasons = f"{decord_error.reason}; PyAV: {pyav_error.reason}"
             raise VideoDecodeError(label, reasons) from pyav_error
 
@@ -203,7 +209,7 @@ def _check_not_empty(source: VideoSource, label: str) -> None:
         return
     path = Path(source)
     if not path.is_file():
-        raise VideoDecodeError(label, "no such file")
+        raise VideoDecodeError(label, "no such file" if not path.exists() else "not a regular file")
     if path.stat().st_size == 0:
         raise VideoDecodeError(label, "the file is empty (0 bytes)")
 
@@ -217,10 +223,15 @@ def _output_size(width: int, height: int, short_side: int | None) -> tuple[int, 
     return max(1, round(width * short_side / height)), short_side
 
 
+# decord prefixes its messages with native log noise: "[07:24:47] /github/workspace/src/...cc:151: ".
+_NATIVE_LOG_PREFIX = re.compile(r"^\[\d\d:\d\d:\d\d\] \S+:\d+: (Check failed: .*? )?")
+
+
 def _first_line(error: BaseException) -> str:
-    """An exception's message, cut to its first line: decord appends a native stack trace."""
+    """An exception's message, cut to its first line (decord appends a native stack trace) and without
+    decord's log prefix."""
     lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+    return f"{type(error).__name__}: {_NATIVE_LOG_PREFIX.sub('', lines[0]) if lines else ''}"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -228,32 +239,39 @@ def _first_line(error: BaseException) -> str:
 
 
 def _sample_decord(
-    source: VideoSource, num_samples: int, short_side: int | None, label: str
+    source: VideoSource, num_samples: int, short_side: int | None, label: str, threads: int
 ) -> SampledFrames:
     if decord is None:
         raise VideoDecodeError(label, "decord is not installed (use backend='pyav' or 'auto')")
     try:
-        reader = _decord_reader(source)
+        reader = _decord_reader(source, threads)
         num_frames = len(reader)
         # decord reports no frame size before decoding; its first frame is already rotated for display.
         native_height, native_width = reader[0].shape[:2]
         width, height = _output_size(native_width, native_height, short_side)
         if (width, height) != (native_width, native_height):
-            reader = _decord_reader(source, width=width, height=height)
+            reader = _decord_reader(source, threads, width=width, height=height)
         indices = sample_indices(num_frames, num_samples)
         frames = _decord_to_numpy(reader.get_batch(indices))
         stamps = reader.get_frame_timestamp(indices)
-        duration_s = float(reader.get_frame_timestamp([num_frames - 1])[0, 1])
+        last_start, last_end = (float(value) for value in reader.get_frame_timestamp([num_frames - 1])[0])
         fps = float(reader.get_avg_fps())
     except Exception as error:  # decord raises DECORDError, RuntimeError, AssertionError, IndexError...
         raise VideoDecodeError(label, f"decord: {_first_line(error)}") from error
+    starts = stamps[:, 0]
+    if not (np.isfinite(starts).all() and starts[0] >= 0 and (np.diff(starts) >= 0).all()):
+        # Seen on MPEG-PS (.mpg, .vob): frames without a pts get -1e14; PyAV reads their real times.
+        raise VideoDecodeError(label, "decord: its frame timestamps are missing or out of order")
+    # Containers that state no frame durations (fragmented MP4, ASF, FLV) give the last frame none:
+    # it lasts a frame period, as PyAV's path counts it.
+    duration_s = last_end if last_end > last_start or not fps else last_start + 1 / fps
     info = VideoInfo(num_frames, fps, duration_s, native_width, native_height)
     return SampledFrames(np.ascontiguousarray(frames), stamps[:, 0].astype(np.float32), info, "decord")
 
 
-def _decord_reader(source: VideoSource, *, width: int = -1, height: int = -1):
+def _decord_reader(source: VideoSource, threads: int, *, width: int = -1, height: int = -1):
     uri = io.BytesIO(source) if isinstance(source, bytes | bytearray) else os.fspath(source)
-    return decord.VideoReader(uri, width=width, height=height)
+    return decord.VideoReader(uri, width=width, height=height, num_threads=threads)
 
 
 def _decord_to_numpy(batch) -> np.ndarray:
@@ -281,9 +299,11 @@ def _open_pyav(source: VideoSource) -> av.container.InputContainer:
 
 
 def _video_stream(container: av.container.InputContainer, label: str) -> av.video.stream.VideoStream:
-    if not container.streams.video:
-        raise VideoDecodeError(label, "the file has no video stream")
-    return container.streams.video[0]
+    """The first video stream that is a video: cover art (an attached picture) is not."""
+    for stream in container.streams.video:
+        if not stream.disposition & av.stream.Disposition.attached_pic:
+            return stream
+    raise VideoDecodeError(label, NO_VIDEO_STREAM)
 
 
 def _probe_pyav(source: VideoSource, label: str) -> tuple[VideoInfo, int]:
@@ -341,7 +361,9 @@ def _probe_pyav(source: VideoSource, label: str) -> tuple[VideoInfo, int]:
         return VideoInfo(num_frames, fps, duration_s, width, height), rotation
 
 
-def _sample_pyav(source: VideoSource, num_samples: int, short_side: int | None, label: str) -> SampledFrames:
+def _sample_pyav(
+    source: VideoSource, num_samples: int, short_side: int | None, label: str, threads: int
+) -> SampledFrames:
     info, _ = _probe_pyav(source, label)
     indices = sample_indices(info.num_frames, num_samples)
     wanted, positions = np.unique(indices, return_inverse=True)
@@ -353,6 +375,7 @@ def _sample_pyav(source: VideoSource, num_samples: int, short_side: int | None, 
     with _open_pyav(source) as container:
         stream = _video_stream(container, label)
         stream.thread_type = "AUTO"
+        stream.codec_context.thread_count = threads
         time_base = stream.time_base
         start_pts = stream.start_time or 0
         # Frames come out in presentation order, so the n-th frame decoded is frame index n.

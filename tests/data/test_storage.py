@@ -35,22 +35,49 @@ def touch(path, data: bytes = b"x"):
 
 
 def test_a_folder_lists_its_videos_recursively_and_sorted(tmp_path):
-    for name in [
-        "b.mp4",
-        "a.MKV",
-        "deep/er/c.webm",
-        "d.avi",
-        "e.mov",
-        "notes.txt",
-        ".hidden.mp4",
-        "f.mp4.json",
-    ]:
+    for name in ["b.mp4", "a.MKV", "deep/er/c.webm", "d.avi", "e.mov", "f.ts", "g.m2ts", "h.mpg", "i.m4a"]:
         touch(tmp_path / name)
 
-    videos = Storage().list_videos(str(tmp_path))
+    listing = Storage().list_videos(str(tmp_path))
 
-    expected = ["a.MKV", "b.mp4", "d.avi", "deep/er/c.webm", "e.mov"]
-    assert videos == [str(tmp_path / name) for name in expected]
+    expected = ["a.MKV", "b.mp4", "d.avi", "deep/er/c.webm", "e.mov", "f.ts", "g.m2ts", "h.mpg", "i.m4a"]
+    assert listing.videos == [str(tmp_path / name) for name in expected]
+    assert (listing.skipped, listing.summary()) == ([], "")
+
+
+def test_everything_else_in_a_folder_is_counted_and_the_odd_ones_named(tmp_path):
+    for name in ["clip.mp4", "notes.txt", "more/notes.txt", "cover.png", ".hidden.mp4", "README"]:
+        touch(tmp_path / name)
+    os.mkfifo(tmp_path / "pipe.mp4")
+    (tmp_path / "gone.mp4").symlink_to(tmp_path / "nowhere.mp4")
+    (tmp_path / "folder.mp4").mkdir()
+    touch(tmp_path / "folder.mp4" / "inner.mkv")  # a folder named like a video is still walked
+    (tmp_path / "linked").symlink_to(tmp_path / "more")  # a symlinked folder is followed
+    (tmp_path / "more" / "loop").symlink_to(tmp_path)  # ... and a link loop ends
+
+    listing = Storage().list_videos(str(tmp_path))
+
+    assert listing.videos == [str(tmp_path / "clip.mp4"), str(tmp_path / "folder.mp4" / "inner.mkv")]
+    assert listing.summary() == (
+        "skipped 8: 2 .txt, 1 .png, 1 a folder named like a video, 1 a symlink to nothing, 1 hidden, "
+        "1 no extension, 1 not a regular file (a pipe, socket or device)"
+    )
+    assert listing.suspicious == [
+        (str(tmp_path / "folder.mp4"), "a folder named like a video"),
+        (str(tmp_path / "gone.mp4"), "a symlink to nothing"),
+        (str(tmp_path / "pipe.mp4"), "not a regular file (a pipe, socket or device)"),
+    ]
+
+
+def test_a_transport_stream_named_directly_or_in_a_list_is_a_video(tmp_path):
+    stream = touch(tmp_path / "broadcast.ts")
+    (tmp_path / "list.txt").write_text("broadcast.ts\n")
+
+    assert Storage().list_videos(str(stream)).videos == [str(stream)]
+    assert Storage().list_videos(str(tmp_path / "list.txt")).videos == [str(stream)]
+    os.mkfifo(tmp_path / "pipe.mp4")
+    with pytest.raises(StorageError, match="not a regular file"):
+        Storage().list_videos(str(tmp_path / "pipe.mp4"))
 
 
 def test_a_text_file_lists_videos_relative_to_itself(tmp_path, monkeypatch):
@@ -59,7 +86,7 @@ def test_a_text_file_lists_videos_relative_to_itself(tmp_path, monkeypatch):
     listing = tmp_path / "clips" / "list.txt"
     listing.write_text(f"# my videos\none.mp4\n\n  {tmp_path}/elsewhere/two.mkv  \ns3://bucket/three.mp4\n")
 
-    videos = Storage().list_videos(str(listing))
+    videos = Storage().list_videos(str(listing)).videos
 
     assert videos == [
         str(tmp_path / "clips" / "one.mp4"),
@@ -109,16 +136,15 @@ def test_s3_lists_reads_and_writes_through_the_endpoint(s3_env, tmp_path):
         client.put_object(Bucket="videos", Key=key, Body=key.encode())
     storage = Storage()  # endpoint and keys from the environment
 
-    assert storage.list_videos("s3://videos/set1/") == [
-        "s3://videos/set1/a.mp4",
-        "s3://videos/set1/sub/b.MOV",
-    ]
+    listing = storage.list_videos("s3://videos/set1/")
+    assert listing.videos == ["s3://videos/set1/a.mp4", "s3://videos/set1/sub/b.MOV"]
+    assert listing.summary() == "skipped 1: 1 .txt"
     assert storage.read_bytes("s3://videos/set1/sub/b.MOV") == b"set1/sub/b.MOV"
     storage.write_bytes("s3://videos/out/part-1.parquet", b"table")
     assert client.get_object(Bucket="videos", Key="out/part-1.parquet")["Body"].read() == b"table"
     storage.check_writable("s3://videos/out")
     assert storage.list_files("s3://videos/out", (".parquet",)) == ["s3://videos/out/part-1.parquet"]
-    assert storage.list_videos("s3://videos/set1/a.mp4") == ["s3://videos/set1/a.mp4"]
+    assert storage.list_videos("s3://videos/set1/a.mp4").videos == ["s3://videos/set1/a.mp4"]
 
 
 def test_wrong_credentials_get_a_clear_access_error_without_the_secret(s3_env, monkeypatch):
@@ -136,7 +162,7 @@ def test_wrong_credentials_get_a_clear_access_error_without_the_secret(s3_env, m
 def test_a_pickled_storage_carries_static_keys_to_a_process_without_them(s3_env, monkeypatch):
     s3_env.client().put_object(Bucket="videos", Key="travel/a.mp4", Body=b"payload")
     storage = Storage()
-    assert storage.list_videos("s3://videos/travel") == ["s3://videos/travel/a.mp4"]  # S3 set up here
+    assert storage.list_videos("s3://videos/travel").videos == ["s3://videos/travel/a.mp4"]  # S3 set up here
     shipped = pickle.dumps(storage)
 
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")

@@ -42,6 +42,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, subpr
     ray_tmp = Path(tempfile.mkdtemp(prefix="demo-ray-", dir="/tmp"))
     env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "TIMEREFINE_HOME": str(workdir / "home")}
     argv = ["timerefine.cli", "demo", "--workdir", str(workdir), "--videos", str(VIDEOS), "--epochs", "1"]
+    argv += ["--global-batch-size", "4"]
     try:
         finished = subprocess.run(
             [sys.executable, "-m", *argv], env=env, capture_output=True, text=True, timeout=900
@@ -56,14 +57,15 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, subpr
 @pytest.mark.slow
 def test_the_demo_prints_every_stage_and_ends_saying_where_everything_is(demo):
     workdir, finished = demo
-    stages = [line for line in finished.stdout.splitlines() if line.startswith("[demo] ") and "/7 " in line]
-    assert [line.split("/7 ")[1] for line in stages] == [
+    stages = [line for line in finished.stdout.splitlines() if line.startswith("[demo] ") and "/6 " in line]
+    assert [line.split("/6 ")[1] for line in stages] == [
         "synthesise the benchmark", "extract features", "fit the query-blind priors",
-        "train direct (K=1)", "evaluate direct (K=1)",
-        "train TimeRefine (K=4, L1 1)", "evaluate TimeRefine (K=4, L1 1)",
+        "train direct (K=1) and TimeRefine (K=2, L1 1) at once",
+        "evaluate direct (K=1)", "evaluate TimeRefine (K=2, L1 1)",
     ]  # fmt: skip
     assert "[extract] 24/24 videos (24 ok, 0 failed)" in finished.stdout
-    assert "[train] epoch 1 " in finished.stdout  # the training job's own progress reaches the console
+    for name in ("direct", "timerefine"):  # each training run's own progress reaches the console, once
+        assert sum(f"[train {name}] epoch 1 " in line for line in finished.stdout.splitlines()) == 1
     last = finished.stdout.strip().splitlines()[-1]
     assert last.startswith("[demo] done") and last.endswith(f"are in {workdir}")
     noise = [
@@ -86,14 +88,15 @@ def test_the_table_holds_the_priors_and_both_models_as_scored_from_the_files(dem
     assert table_row(finished.stdout, "prior: random") == printed(
         score_prior(fit_prior("random", train), test)
     )
-    for name, label in (("direct", "direct (K=1)"), ("timerefine", "TimeRefine (K=4, L1 1)")):
-        predictions = read_predictions(workdir / "eval" / name / "predictions.jsonl")
-        rescored = score(predictions, test)
-        assert json.loads((workdir / "eval" / name / "metrics.json").read_text()) == rescored
-        assert table_row(finished.stdout, label) == printed(rescored)
-        assert len(predictions) == len(test)
+    for name, label in (("direct", "direct (K=1)"), ("timerefine", "TimeRefine (K=2, L1 1)")):
+        for split, folder, queries in (("test", "", test), ("train", "train", train)):
+            predictions = read_predictions(workdir / "eval" / name / folder / "predictions.jsonl")
+            rescored = score(predictions, queries)
+            assert json.loads((workdir / "eval" / name / folder / "metrics.json").read_text()) == rescored
+            assert table_row(finished.stdout, f"{label}: {split}") == printed(rescored)
+            assert len(predictions) == len(queries)
     # The demo's own table of TimeRefine's modes comes after the ones the evaluation jobs print.
-    refined_table = finished.stdout.split("TimeRefine: each answer mode")[1]
+    refined_table = finished.stdout.split("TimeRefine on test: each answer mode")[1]
     refined = json.loads((workdir / "eval" / "timerefine" / "metrics.json").read_text())
     assert table_row(refined_table, "answer: text") == printed(refined["modes"]["text"])
 
@@ -110,7 +113,7 @@ def test_the_demo_writes_the_benchmark_features_runs_and_report(demo):
         assert [epoch["epoch"] for epoch in summary["epochs"]] == [1]
         assert Path(summary["final_checkpoint"]).is_dir()
     report = (workdir / "report.md").read_text()
-    assert "direct (K=1)" in report and "TimeRefine (K=4, L1 1)" in report and "](report.png)" in report
+    assert "direct (K=1)" in report and "TimeRefine (K=2, L1 1)" in report and "](report.png)" in report
     with Image.open(workdir / "report.png") as image:
         assert image.format == "PNG" and image.width >= 1000 and image.height >= 400
     assert json.loads((workdir / "demo.json").read_text())["videos"] == VIDEOS

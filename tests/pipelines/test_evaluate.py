@@ -31,12 +31,13 @@ def test_evaluate_writes_predictions_and_the_metrics_of_that_file(
     assert [r["qid"] for r in records] == [q.qid for q in with_features]  # annotation order, no failed video
     for record, query in zip(records, with_features, strict=True):
         assert record["windows"] == [list(w) for w in query.windows] and record["duration"] == query.duration
-        assert set(record) >= {"text", "parsed", "steps", "pred", "pred_head", "pred_fused"}
+        assert set(record) >= {"text", "parsed", "steps", "pred", "pred_head", "pred_fused", "pred_frames"}
 
     metrics = json.loads((out / evaluate.METRICS_FILE).read_text())
     assert metrics == score(read_predictions(out / evaluate.PREDICTIONS_FILE), queries)
     assert metrics["n"] == len(queries) and metrics["missing"] == 1  # the query without features: a miss
-    assert set(metrics["modes"]) == {"text", "head", "fused"} and set(metrics["steps"]) == {"1", "2"}
+    assert set(metrics["modes"]) == {"text", "head", "fused", "frames"}
+    assert set(metrics["steps"]) == {"1", "2"}
     # The model memorised these queries in training: evaluation must see what validation saw (validation
     # decoded with drafts, this evaluation token by token: the answers are the same).
     best_val = max(m["val_mIoU"] for m in trained_run.summary["epochs"])

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 import yaml
@@ -105,8 +104,8 @@ def test_a_local_folder_becomes_a_table_with_error_rows_and_resumes(
     assert "0 to extract, 3 already done, 3 failed before (--retry-errors" in capsys.readouterr().out
     assert part_files(output) == parts
 
-    # A lost part (a run killed before writing it) is re-extracted; --retry-errors retries failed videos.
-    # Neither writes an ok video twice.
+    # A lost part (a run killed before writing it) is re-extracted; --retry-errors retries failed videos,
+    # whose new rows replace the old ones: plain pyarrow reads one row a video.
     lost = next(output / name for name in parts if ids_in(output / name) & set(GOOD))
     lost_ids = ids_in(lost)
     lost.unlink()
@@ -114,8 +113,7 @@ def test_a_local_folder_becomes_a_table_with_error_rows_and_resumes(
     redone = lost_ids | set(BROKEN)
     printed = capsys.readouterr().out
     assert f"{len(redone)} to extract, {6 - len(redone)} already done, 0 failed before" in printed
-    raw = Counter(raw_rows(output))
-    assert raw == Counter({(v, rows[v]["status"]): 1 if v in lost_ids or v in GOOD else 2 for v in rows})
+    assert Counter(raw_rows(output)) == Counter({(v, rows[v]["status"]): 1 for v in rows})
     assert read_feature_table(str(output)).num_rows == 6
 
     # The same output with another frame count would mix incomparable features: refused.
@@ -195,7 +193,7 @@ def test_s3_to_s3_with_keys_only_in_the_driver(
     charades = load_features("s3://features/run1")["charades_Y1HGC"]
     assert charades.uri == "s3://videos/run1/charades_Y1HGC.mp4"
     assert charades.features.shape == (100, 768) and charades.duration_s == pytest.approx(30.6, abs=0.1)
-    objects = s3_server.client().list_objects_v2(Bucket="features")["Contents"]
+    objects = s3_server.client().list_objects_v2(Bucket="features", Prefix="run1/")["Contents"]
     files = [item["Key"] for item in objects if not item["Key"].endswith("/")]  # pyarrow's folder markers
     assert files and all(key.startswith("run1/part-") and key.endswith(".parquet") for key in files)
 
@@ -234,10 +232,10 @@ def test_the_job_waits_for_an_s3_endpoint_that_refuses_connections_at_first(
     assert [(row["video_id"], row["status"]) for row in committed] == [("counter_short", STATUS_OK)]
 
 
-def test_a_two_cpu_machine_encodes_on_every_core_and_leaves_cpus_to_the_tasks():
+def test_a_two_cpu_machine_decodes_and_encodes_in_one_actor_a_core_and_leaves_cpus_to_the_tasks():
     plan = plan_extraction(ClusterResources(cpus=2, gpus=0))
 
-    assert (plan.encoders, plan.encoder_num_cpus, plan.encoder_threads) == (2, 0.5, 1)
+    assert (plan.encoders, plan.encoder_num_cpus, plan.encoder_threads, plan.fused) == (2, 0.5, 1, True)
     assert plan.encoder_num_gpus == 0 and "num_gpus" not in plan.encode_args()
     assert plan.encoders * plan.encoder_num_cpus + plan.decode_num_cpus + plan.write_num_cpus <= 2
     assert plan.decode_args()["memory"] == DECODE_TASK_MEMORY
@@ -249,10 +247,10 @@ def test_gpu_clusters_get_one_encoder_per_gpu_share():
     half = plan_extraction(ClusterResources(cpus=16, gpus=4), gpus_per_encoder=0.5)
     forced_cpu = plan_extraction(ClusterResources(cpus=16, gpus=4), encoders=3, gpus_per_encoder=0)
 
-    assert (plan.encoders, plan.encode_args()["num_gpus"]) == (4, 1.0)
+    assert (plan.encoders, plan.encode_args()["num_gpus"], plan.fused) == (4, 1.0, False)
     assert (plan.encoder_num_cpus, plan.decode_num_cpus, plan.encoder_threads) == (1.0, 1.0, None)
     assert (half.encoders, half.encode_args()["num_gpus"]) == (8, 0.5)
-    assert (forced_cpu.encoders, forced_cpu.encoder_num_gpus) == (3, 0.0)
+    assert (forced_cpu.encoders, forced_cpu.encoder_num_gpus, forced_cpu.fused) == (3, 0.0, True)
     assert "num_gpus" not in forced_cpu.encode_args()
 
 
@@ -275,20 +273,28 @@ def test_impossible_plans_are_refused_with_the_reason():
 
 
 @pytest.mark.integration
-def test_decoding_stays_a_task_pool_in_front_of_the_encoder_actors(ray_cluster, capsys):
-    """Ray fuses a task stage into an actor stage with equal resources; decoding must not run in actors."""
-    plan = plan_extraction(ClusterResources(cpus=2, gpus=0))  # actors and decode tasks: 0.5 CPU each
+def test_gpu_plans_decode_in_tasks_and_cpu_plans_in_the_encoder_actors(ray_cluster, capsys):
+    """Ray fuses a task stage into an actor stage with equal resources: on GPUs decoding must stay in tasks
+    (their CPUs feed the GPUs); on CPUs decoding runs inside the actors by design, and writing stays apart."""
     settings = DecodeSettings(num_frames=4, resize_short=128, crop_size=128)
-    decoded = extract_features.add_decoding(
-        extract_features.video_dataset({"a": "/v/a.mp4"}), Storage(), settings, plan
-    )
-    features = extract_features.add_encoding(decoded, resolve_encoder(None), settings, plan, batch_size=8)
+    videos = extract_features.video_dataset({"a": "/v/a.mp4"})
+    encoder = resolve_encoder(None)
+    physical = {}
+    for name, resources in (
+        ("gpu", ClusterResources(cpus=8, gpus=1)),
+        ("cpu", ClusterResources(cpus=2, gpus=0)),
+    ):
+        plan = plan_extraction(resources)
+        features = extract_features.add_extraction(videos, Storage(), encoder, settings, plan, batch_size=8)
+        extract_features.add_writing(features, "/out", Storage(), plan, videos_per_file=4).explain()
+        physical[name] = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
 
-    features.explain()
-
-    physical = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
-    assert "ActorPoolMapOperator[MapBatches(EncodeStage)]" in physical
-    assert "TaskPoolMapOperator[MapBatches(decode_stage)]" in physical
+    assert "TaskPoolMapOperator[MapBatches(decode_stage)]" in physical["gpu"]
+    assert "ActorPoolMapOperator[MapBatches(EncodeStage)]" in physical["gpu"]
+    assert "ActorPoolMapOperator[MapBatches(ExtractStage)]" in physical["cpu"]
+    assert "decode_stage" not in physical["cpu"] and "EncodeStage" not in physical["cpu"]
+    for plan in physical.values():
+        assert "TaskPoolMapOperator[MapBatches(write_stage)]" in plan
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -304,18 +310,25 @@ def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> ClipImageEncoder:
         return ClipImageEncoder(None, threads=1)
 
 
-def test_encoding_fills_the_feature_schema_and_passes_errors_through(tiny_encoder, sample_videos):
+def test_decoded_videos_cross_as_arrow_and_encode_into_the_feature_schema(tiny_encoder, sample_videos):
     paths = [sample_videos["counter_10fps"], sample_videos["not_video"], sample_videos["rotated_90"]]
     decoder = IsolatedDecoder(DecodeSettings(num_frames=NUM_FRAMES, resize_short=128, crop_size=128))
     try:
         videos = [decode_video(path.stem, str(path), Storage(), decoder) for path in paths]
     finally:
         decoder.close()
-    decoded = pa.Table.from_pylist(
-        [extract_features._decoded_row(video) for video in videos], schema=extract_features.DECODED_SCHEMA
+    decoded = extract_features.decoded_table(videos)
+    assert decoded.schema == extract_features.DECODED_SCHEMA
+    _, sliced = extract_features.decoded_videos(decoded.slice(1), 128, NUM_FRAMES)  # an Arrow offset
+    np.testing.assert_array_equal(sliced, videos[2].frames)
+    back, frames = extract_features.decoded_videos(decoded, 128, NUM_FRAMES)
+    assert [video.ok for video in back] == [True, False, True]
+    assert back[1].error == videos[1].error and back[2].frame_times_s == pytest.approx(
+        videos[2].frame_times_s
     )
+    np.testing.assert_array_equal(frames, np.concatenate([videos[0].frames, videos[2].frames]))
 
-    table = extract_features.encode_batch(tiny_encoder, decoded, NUM_FRAMES, batch_size=7)
+    table = extract_features.encode_videos(tiny_encoder, back, frames, NUM_FRAMES, batch_size=7)
 
     assert table.column("video_id").to_pylist() == ["counter_10fps", "not_video", "rotated_90"]
     assert table.column("status").to_pylist() == [STATUS_OK, STATUS_ERROR, STATUS_OK]

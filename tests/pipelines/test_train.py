@@ -7,9 +7,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import pyarrow.fs
 import pytest
 import torch
 
@@ -96,8 +98,15 @@ def test_killed_run_resumes_from_its_s3_checkpoints(tiny_benchmark, ray_cluster,
         time.sleep(0.5)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
-    done = _registered_epochs(Result, run_path, filesystem)
-    assert done and max(done) < 3
+    registered = _registered_epochs(Result, run_path, filesystem)
+    # What the run resumes from: the checkpoints in its folder (Ray Train registers them a poll later).
+    run = f"{output}/timerefine"
+    done = [
+        int(name.removeprefix(train.CHECKPOINT_PREFIX))
+        for name in train.epoch_checkpoints(run, storage)
+        if storage.file_type(f"{run}/{name}/trainer_state.json") == pyarrow.fs.FileType.File
+    ]
+    assert registered and max(done) >= max(registered) and max(done) < 3
 
     second = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
@@ -109,7 +118,7 @@ def test_killed_run_resumes_from_its_s3_checkpoints(tiny_benchmark, ray_cluster,
     assert summary["this_attempt"] == list(range(max(done) + 1, 4))
     assert [m["epoch"] for m in summary["epochs"]] == [1, 2, 3]
     assert summary["final_checkpoint"].startswith(f"{output}/timerefine/checkpoint_epoch_00")
-    assert _registered_epochs(Result, run_path, filesystem) == [1, 2, 3]
+    assert max(_registered_epochs(Result, run_path, filesystem)) == 3
 
 
 def _registered_epochs(result_class, run_path: str, filesystem) -> list[int]:
@@ -120,3 +129,91 @@ def _registered_epochs(result_class, run_path: str, filesystem) -> list[int]:
     except (RuntimeError, ValueError, OSError):
         return []
     return sorted(metrics["epoch"] for _, metrics in result.best_checkpoints or [])
+
+
+@pytest.mark.integration
+def test_a_killed_worker_costs_at_most_its_epoch_and_a_damaged_checkpoint_is_refused(
+    tiny_benchmark, tmp_path, ray_cluster, capfd
+):
+    """SIGKILL the training worker while epoch 3 is in flight: with --max-failures 1 the run restarts from
+    epoch 2's checkpoint and finishes. Then a checkpoint damaged by hand is refused, with its reason, and
+    the rerun continues from the one before."""
+    import psutil
+
+    run = tmp_path / "timerefine"
+    options = ("--workers", "1", "--max-failures", "1", "--max-val-queries", "2")
+    args = tiny_benchmark.train_args(tmp_path, *options)
+    killed: list[int] = []
+
+    def kill_a_worker_after_epoch_2() -> None:
+        deadline = time.monotonic() + 300
+        while not (run / "checkpoint_epoch_002" / "trainer_state.json").is_file():
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
+        workers = [
+            process
+            for process in psutil.Process().children(recursive=True)
+            if "RayTrainWorker" in " ".join(process.cmdline())
+        ]
+        workers[-1].kill()
+        killed.append(workers[-1].pid)
+
+    killer = threading.Thread(target=kill_a_worker_after_epoch_2, daemon=True)
+    killer.start()
+    assert jobs.main(train, [*args, "--epochs", "4"]) == 0, capfd.readouterr().err[-3000:]
+    killer.join(timeout=5)
+    assert killed, "no training worker was killed"
+    summary = json.loads((run / train.SUMMARY_FILE).read_text())
+    assert [m["epoch"] for m in summary["epochs"]] == [1, 2, 3, 4]
+    restarted_at = summary["this_attempt"][0]  # the restarted worker's first epoch
+    assert restarted_at in (3, 4)  # epoch 2 (or 3, had it been written before the kill) was kept
+    assert summary["this_attempt"] == list(range(restarted_at, 5))
+
+    (run / "checkpoint_epoch_004" / "weights.safetensors").unlink()  # damaged by hand
+    assert jobs.main(train, [*args, "--epochs", "5"]) == 0, capfd.readouterr().err[-3000:]
+    output = capfd.readouterr().out
+    assert f"refusing checkpoint {run / 'checkpoint_epoch_004'}: weights.safetensors is missing" in output
+    summary = json.loads((run / train.SUMMARY_FILE).read_text())
+    assert summary["this_attempt"] == [4, 5]  # from epoch 3's checkpoint, the newest complete one
+    assert [m["epoch"] for m in summary["epochs"]] == [1, 2, 3, 4, 5]
+    assert (run / "checkpoint_epoch_004" / "weights.safetensors").is_file()  # written again
+
+
+@pytest.mark.integration
+def test_checkpoints_to_s3_under_throttling_and_dropped_connections_are_all_intact(
+    tiny_benchmark, ray_cluster, s3_server, tmp_path, monkeypatch
+):
+    """Through a proxy that answers 30% of requests with 503 SlowDown and drops 5% of connections, every
+    epoch's checkpoint lands whole (it loads) and the summary lists every epoch."""
+    import pyarrow.fs as pafs
+    from faultproxy import FaultProxy
+
+    proxy = FaultProxy(s3_server.endpoint_url, throttle=0.3, drop=0.05).start()
+    try:
+        for key, value in {**s3_server.env(), "AWS_ENDPOINT_URL": proxy.endpoint_url}.items():
+            monkeypatch.setenv(key, value)
+        args = tiny_benchmark.train_args(
+            Path("unused"), "--workers", "1", "--epochs", "2", "--max-val-queries", "2"
+        )
+        args[args.index("--output") + 1] = "s3://features/throttled"
+        assert jobs.main(train, args) == 0
+    finally:
+        proxy.stop()
+    requests = sum(proxy.counts.values())
+    assert proxy.counts["throttled"] > 0.15 * requests and proxy.counts["dropped"] > 0, proxy.counts
+    direct = pafs.S3FileSystem(
+        endpoint_override=s3_server.endpoint_url.removeprefix("http://"), scheme="http", region="us-east-1",
+        access_key=s3_server.access_key, secret_key=s3_server.secret_key,
+    )  # fmt: skip
+    with direct.open_input_stream(f"features/throttled/timerefine/{train.SUMMARY_FILE}") as stream:
+        summary = json.loads(stream.read())
+    assert [m["epoch"] for m in summary["epochs"]] == [1, 2]
+    for epoch in (1, 2):
+        local = tmp_path / f"epoch{epoch}"
+        source = f"features/throttled/timerefine/checkpoint_epoch_{epoch:03d}"
+        pafs.copy_files(
+            source, str(local), source_filesystem=direct, destination_filesystem=pafs.LocalFileSystem()
+        )
+        model = load_checkpoint(local)
+        assert model.config.encoder == tiny_benchmark.encoder

@@ -490,9 +490,20 @@ def _detect(text: str, source: str) -> str:
 
 
 def _read_text(source: str, storage: Storage | None) -> str:
-    # Local files are read directly, so that a missing one stays a FileNotFoundError as before; an S3
-    # object that cannot be read raises a StorageError that names its URI.
-    data = (storage or Storage()).read_bytes(source) if is_s3_uri(source) else Path(source).read_bytes()
+    # Local files are read directly, so that a missing one stays a FileNotFoundError; an S3 object that
+    # cannot be read raises a StorageError that names its URI.
+    if is_s3_uri(source):
+        data = (storage or Storage()).read_bytes(source)
+    else:
+        path = Path(source)
+        if path.is_dir():
+            raise AnnotationError(source, None, "is a folder, not a file")
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{source}: no such file") from None
+        except OSError as error:
+            raise AnnotationError(source, None, f"cannot be read ({error.strerror or error})") from None
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as error:

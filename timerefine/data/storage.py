@@ -21,18 +21,39 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import stat
 import uuid
+from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-VIDEO_EXTENSIONS = (".avi", ".mkv", ".mov", ".mp4", ".webm")
+# The containers decord or PyAV (FFmpeg) read video from, by file extension: every such file is extracted or
+# becomes an error row. An audio-only MP4 (.m4a) and raw H.264 / HEVC streams are listed too, so that they
+# get an error row that says why ("the file has no video stream", "no timestamps") rather than no mention.
+VIDEO_EXTENSIONS = (
+    ".3g2", ".3gp", ".264", ".265", ".asf", ".avi", ".divx", ".dv", ".f4v", ".flv", ".h264", ".h265",
+    ".hevc", ".m2t", ".m2ts", ".m2v", ".m4a", ".m4v", ".mkv", ".mov", ".mp4", ".mpeg", ".mpg", ".mts",
+    ".mxf", ".nut", ".ogg", ".ogv", ".qt", ".rm", ".rmvb", ".ts", ".vob", ".webm", ".wmv", ".y4m",
+)  # fmt: skip
 
-# pyarrow's default of 3 attempts lost writes under 30% throttling responses (DESIGN.md section 7); with
-# 10, AWS's standard backoff also rides out an endpoint that refuses connections for about a minute.
-S3_MAX_ATTEMPTS = 10
+# Why an entry under an input folder is not a video (besides a non-video extension, its own kind).
+HIDDEN = "hidden"
+NOT_A_FILE = "not a regular file (a pipe, socket or device)"
+DANGLING_LINK = "a symlink to nothing"
+FOLDER_NAMED_LIKE_A_VIDEO = "a folder named like a video"
+
+PARTIAL_SUFFIX = ".partial"  # a local file being written under a hidden name, renamed when complete
+
+# pyarrow's default of 3 attempts lost writes under 30% throttling responses (DESIGN.md section 7), and so
+# did AWS's "standard" strategy with 10: its retry quota (500 tokens, 5 a retry, 1 back a success) runs dry
+# after a few hundred throttled requests, and then nothing is retried (measured through tests/faultproxy.py:
+# 17 of 40 objects lost). The "default" strategy has no quota; its backoff doubles from 25 ms, so 12
+# attempts also wait out about 50 s of refused connections.
+S3_MAX_ATTEMPTS = 12
 
 _ACCESS_ERRORS = ("ACCESS_DENIED", "SIGNATURE_DOES_NOT_MATCH", "INVALID_ACCESS_KEY_ID", "EXPIRED_TOKEN")
 
@@ -66,6 +87,49 @@ def video_id_from_uri(uri: str) -> str:
     return stem if dot else name
 
 
+@dataclass
+class VideoListing:
+    """What an input holds: the videos to extract, and every other entry with the reason it is skipped.
+
+    Nothing under an input folder disappears without a word: the summary counts the skipped entries by
+    kind ("skipped 3: 2 .txt, 1 .png"), and those that look like videos but cannot be read as files (a
+    pipe, a dangling symlink, a folder named x.mp4) are named one by one (``suspicious``).
+    """
+
+    videos: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (URI, kind: ".txt", HIDDEN, ...)
+
+    def summary(self) -> str:
+        """``"skipped 3: 2 .txt, 1 .png"``, most frequent kind first; empty when nothing was skipped."""
+        if not self.skipped:
+            return ""
+        counts = sorted(
+            Counter(kind for _, kind in self.skipped).items(), key=lambda item: (-item[1], item[0])
+        )
+        return f"skipped {len(self.skipped)}: " + ", ".join(f"{count} {kind}" for kind, count in counts)
+
+    @property
+    def suspicious(self) -> list[tuple[str, str]]:
+        """Skipped entries named like videos that are not readable files, each worth naming."""
+        return [
+            (uri, kind)
+            for uri, kind in self.skipped
+            if kind in (NOT_A_FILE, DANGLING_LINK, FOLDER_NAMED_LIKE_A_VIDEO)
+        ]
+
+
+def is_video_name(name: str) -> bool:
+    return name.lower().endswith(VIDEO_EXTENSIONS)
+
+
+def _skip_kind(name: str) -> str:
+    """The summary's kind for a regular file that is not a video: hidden, or its extension."""
+    if name.startswith((".", "_")):
+        return HIDDEN
+    stem, dot, extension = name.rpartition(".")
+    return f".{extension.lower()}" if dot and stem else "no extension"
+
+
 class Storage:
     """Reads and writes local paths and ``s3://bucket/key`` URIs; picklable for Ray tasks.
 
@@ -86,15 +150,29 @@ class Storage:
         self.endpoint_url = endpoint_url or None
         self.region = region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None
         self.max_attempts = max_attempts
+        self._keys: dict[str, str] | None = None  # static keys from the driver's chain, once S3 is used
         self._s3: pafs.S3FileSystem | None = None
         self._local = pafs.LocalFileSystem()
 
     def __repr__(self) -> str:
         return f"Storage(endpoint_url={self.endpoint_url!r})"
 
+    def __getstate__(self) -> dict:
+        """What travels to Ray workers: the settings and the driver's static keys, not pyarrow's filesystems.
+
+        A pickled ``S3FileSystem`` comes back with pyarrow's default retry strategy (3 attempts, with a
+        quota), not ours: each process rebuilds its own from these settings instead.
+        """
+        return {name: value for name, value in self.__dict__.items() if name not in ("_s3", "_local")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _s3=None, _local=pafs.LocalFileSystem())
+
     def _s3_filesystem(self) -> pafs.S3FileSystem:
         if self._s3 is None:
-            retry = pafs.AwsStandardS3RetryStrategy(max_attempts=self.max_attempts)
+            if self._keys is None:  # first use, in this process: the driver, or a worker the keys missed
+                self._keys = _static_credentials()
+            retry = pafs.AwsDefaultS3RetryStrategy(max_attempts=self.max_attempts)
             options: dict = {"retry_strategy": retry}
             if self.endpoint_url:
                 parsed = urlparse(self.endpoint_url)
@@ -103,7 +181,7 @@ class Storage:
                 options["region"] = "us-east-1"  # S3-compatible servers ignore it; request signing needs one
             if self.region:
                 options["region"] = self.region
-            self._s3 = pafs.S3FileSystem(**options, **_static_credentials())
+            self._s3 = pafs.S3FileSystem(**options, **self._keys)
         return self._s3
 
     # -- locating -------------------------------------------------------------------------------------
@@ -119,6 +197,15 @@ class Storage:
             raise StorageError(f"{uri}: unsupported URI scheme; use a local path or s3://bucket/prefix")
         return self._local, str(Path(uri.removeprefix("file://")).expanduser().absolute())
 
+    def portable_filesystem(self, uri: str) -> tuple[pafs.FileSystem, str]:
+        """Like ``resolve``, for a library that pickles the filesystem into its own workers (Ray Train's
+        ``storage_filesystem``): S3 goes through this Storage, rebuilt with its retries in each process,
+        where a pickled ``S3FileSystem`` would fall back to pyarrow's 3 attempts."""
+        filesystem, path = self.resolve(uri)
+        if is_s3_uri(uri):
+            filesystem = pafs.PyFileSystem(_StorageS3Handler(self))
+        return filesystem, path
+
     def local_path(self, uri: str) -> str | None:
         """The path of a local file, or None for an S3 URI (callers then read the bytes)."""
         return None if is_s3_uri(uri) else self.resolve(uri)[1]
@@ -129,30 +216,84 @@ class Storage:
 
     # -- reading --------------------------------------------------------------------------------------
 
-    def list_videos(self, uri: str) -> list[str]:
-        """Video URIs under a folder or prefix (recursively, sorted), or listed in a text file (its order).
+    def list_videos(self, uri: str) -> VideoListing:
+        """The videos under a folder or prefix (recursively, sorted), or listed in a text file (its order).
 
-        Accepts a folder / ``s3://`` prefix (files with a video extension, hidden files skipped), a single
-        video file, or a text file with one path or URI a line (blank lines and ``#`` comments skipped;
-        relative paths are relative to the list file's folder).
+        Accepts a folder / ``s3://`` prefix (files with a video extension; everything else is counted in
+        the listing's ``skipped``), a single video file, or a text file with one path or URI a line (blank
+        lines and ``#`` comments skipped; relative paths are relative to the list file's folder).
         """
         uri = self.canonical(uri)
         kind = self.file_type(uri)
         if kind == pafs.FileType.NotFound:
             raise StorageError(f"{uri}: no such file, folder or S3 prefix")
         if kind == pafs.FileType.Directory:
-            return self.list_files(uri, VIDEO_EXTENSIONS)
-        if uri.lower().endswith(VIDEO_EXTENSIONS):
-            return [uri]
-        return self._read_video_list(uri)
+            return self._list_local_folder(uri) if not is_s3_uri(uri) else self._list_s3_prefix(uri)
+        if kind != pafs.FileType.File:
+            raise StorageError(f"{uri}: {NOT_A_FILE}; pass a video, a folder or a text file listing videos")
+        if is_video_name(uri):
+            return VideoListing([uri])
+        return VideoListing(self._read_video_list(uri))
+
+    def _list_s3_prefix(self, uri: str) -> VideoListing:
+        filesystem, path = self.resolve(uri)
+        with self._explained(uri, "list"):
+            infos = filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
+        listing = VideoListing()
+        for info in sorted(infos, key=lambda info: info.path):
+            entry = f"s3://{info.path}"
+            if info.type == pafs.FileType.Directory:
+                if is_video_name(info.base_name):
+                    listing.skipped.append((entry, FOLDER_NAMED_LIKE_A_VIDEO))
+            elif is_video_name(info.base_name) and not info.base_name.startswith((".", "_")):
+                listing.videos.append(entry)
+            else:
+                listing.skipped.append((entry, _skip_kind(info.base_name)))
+        return listing
+
+    def _list_local_folder(self, root: str) -> VideoListing:
+        """A local folder, walked with ``os.scandir``: pyarrow's listing leaves out dangling symlinks.
+
+        Symlinked folders are followed (each real folder once, so a link loop ends)."""
+        listing = VideoListing()
+        seen: set[str] = set()
+
+        def walk(folder: str) -> None:
+            real = os.path.realpath(folder)
+            if real in seen:
+                return
+            seen.add(real)
+            try:
+                entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+            except OSError as error:
+                raise StorageError(f"cannot list {folder}: {error.strerror}") from error
+            for entry in entries:
+                try:
+                    mode = entry.stat().st_mode  # follows symlinks
+                except FileNotFoundError:
+                    listing.skipped.append((entry.path, DANGLING_LINK))
+                    continue
+                if stat.S_ISDIR(mode):
+                    if is_video_name(entry.name):
+                        listing.skipped.append((entry.path, FOLDER_NAMED_LIKE_A_VIDEO))
+                    walk(entry.path)
+                elif not stat.S_ISREG(mode):
+                    listing.skipped.append((entry.path, NOT_A_FILE))
+                elif is_video_name(entry.name) and not entry.name.startswith((".", "_")):
+                    listing.videos.append(entry.path)
+                else:
+                    listing.skipped.append((entry.path, _skip_kind(entry.name)))
+
+        walk(root)
+        return listing
 
     def _read_video_list(self, list_uri: str) -> list[str]:
         try:
             text = self.read_bytes(list_uri).decode("utf-8")
         except UnicodeDecodeError as error:
             raise StorageError(
-                f"{list_uri}: not a video ({', '.join(VIDEO_EXTENSIONS)}) and not a UTF-8 text file listing "
-                "videos, one path or URI a line"
+                f"{list_uri}: not a video ({' '.join(VIDEO_EXTENSIONS)}) and not a UTF-8 text file "
+                "listing videos, one path or URI a line"
             ) from error
         base = list_uri.rsplit("/", 1)[0]
         videos = []
@@ -160,10 +301,10 @@ class Storage:
             entry = line.strip()
             if not entry or entry.startswith("#"):
                 continue
-            if not entry.lower().endswith(VIDEO_EXTENSIONS):
+            if not is_video_name(entry):
                 raise StorageError(
                     f"{list_uri}, line {line_number}: {entry!r} does not end in a video extension "
-                    f"({', '.join(VIDEO_EXTENSIONS)}); list one video path or URI a line"
+                    f"({' '.join(VIDEO_EXTENSIONS)}); list one video path or URI a line"
                 )
             if not (is_s3_uri(entry) or entry.startswith(("/", "file://"))):
                 entry = join_uri(base, entry)
@@ -212,7 +353,7 @@ class Storage:
                 return
             directory, name = os.path.split(path)
             filesystem.create_dir(directory, recursive=True)
-            partial = os.path.join(directory, f".{name}.{uuid.uuid4().hex}.partial")
+            partial = os.path.join(directory, f".{name}.{uuid.uuid4().hex}{PARTIAL_SUFFIX}")
             try:
                 with filesystem.open_output_stream(partial) as stream:
                     stream.write(data)
@@ -220,6 +361,83 @@ class Storage:
             finally:
                 if filesystem.get_file_info(partial).type != pafs.FileType.NotFound:
                     filesystem.delete_file(partial)
+
+    def delete(self, uri: str) -> None:
+        """Delete a file; one that is already gone is fine (another cleaner got there first)."""
+        filesystem, path = self.resolve(uri)
+        with self._explained(uri, "delete"), contextlib.suppress(FileNotFoundError):
+            filesystem.delete_file(path)
+
+    def modified_times(self, uri: str) -> dict[str, float]:
+        """URI -> modification time (seconds since the epoch, the storage's own clock) of the files
+        directly in a folder or under a prefix; empty when there is none."""
+        filesystem, path = self.resolve(uri)
+        selector = pafs.FileSelector(path, allow_not_found=True)
+        with self._explained(uri, "list"):
+            infos = filesystem.get_file_info(selector)
+        prefix = "s3://" if is_s3_uri(uri) else ""
+        return {
+            prefix + info.path: info.mtime.timestamp() for info in infos if info.type == pafs.FileType.File
+        }
+
+    def incomplete_writes(self, uri: str) -> list[tuple[str, str]]:
+        """What killed writers left below ``uri``: on S3 its incomplete multipart uploads (invisible, but
+        stored and billed) as (key, upload id); locally the hidden ``.partial`` files of ``write_bytes``."""
+        if not is_s3_uri(uri):
+            filesystem, path = self.resolve(uri)
+            selector = pafs.FileSelector(path, recursive=True, allow_not_found=True)
+            with self._explained(uri, "list"):
+                infos = filesystem.get_file_info(selector)
+            return [(info.path, "") for info in infos if info.base_name.endswith(PARTIAL_SUFFIX)]
+        import botocore.exceptions
+
+        bucket, _, key = uri.removeprefix("s3://").partition("/")
+        prefix = key.rstrip("/") + "/" if key else ""
+        try:
+            pages = (
+                self._s3_client()
+                .get_paginator("list_multipart_uploads")
+                .paginate(Bucket=bucket, Prefix=prefix)
+            )
+            return [
+                (upload["Key"], upload["UploadId"]) for page in pages for upload in page.get("Uploads", [])
+            ]
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
+            raise StorageError(f"cannot list the incomplete uploads of {uri}: {error}") from error
+
+    def abort_incomplete_writes(self, uri: str) -> int:
+        """Remove what ``incomplete_writes`` finds; returns how many. Only for a location this process alone
+        writes to (the extraction holds its output's lock): another writer's uploads in flight would go too.
+        """
+        incomplete = self.incomplete_writes(uri)
+        if not is_s3_uri(uri):
+            for path, _ in incomplete:
+                self.delete(path)
+            return len(incomplete)
+        import botocore.exceptions
+
+        bucket = uri.removeprefix("s3://").partition("/")[0]
+        client = self._s3_client()
+        try:
+            for key, upload_id in incomplete:
+                client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
+            raise StorageError(f"cannot abort the incomplete uploads of {uri}: {error}") from error
+        return len(incomplete)
+
+    def _s3_client(self):
+        """A boto3 client for what pyarrow's filesystem does not offer (multipart upload listings), with
+        the same endpoint and patience; its keys come from the standard chain, as the driver's do."""
+        import boto3
+        from botocore.config import Config
+
+        config = Config(retries={"max_attempts": self.max_attempts, "mode": "standard"})
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name=self.region or ("us-east-1" if self.endpoint_url else None),
+            config=config,
+        )
 
     def check_writable(self, uri: str) -> None:
         """Fail early, before hours of decoding, when the output location refuses writes."""
@@ -255,6 +473,69 @@ class Storage:
             if is_s3_uri(uri) and "NO_SUCH_BUCKET" in message:
                 raise StorageError(f"cannot {action} {uri}: the bucket does not exist{where}") from error
             raise StorageError(f"cannot {action} {uri}: {message}") from error
+
+
+class _StorageS3Handler(pafs.FileSystemHandler):
+    """pyarrow's S3 filesystem behind a picklable handler: each process uses its Storage's own."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, _StorageS3Handler) and other.storage.endpoint_url == self.storage.endpoint_url
+        )
+
+    __hash__ = None
+
+    @property
+    def _s3(self) -> pafs.S3FileSystem:
+        return self.storage._s3_filesystem()
+
+    def get_type_name(self) -> str:
+        return "timerefine-s3"
+
+    def normalize_path(self, path):
+        return self._s3.normalize_path(path)
+
+    def get_file_info(self, paths):
+        return self._s3.get_file_info(paths)
+
+    def get_file_info_selector(self, selector):
+        return self._s3.get_file_info(selector)
+
+    def create_dir(self, path, recursive):
+        self._s3.create_dir(path, recursive=recursive)
+
+    def delete_dir(self, path):
+        self._s3.delete_dir(path)
+
+    def delete_dir_contents(self, path, missing_dir_ok=False):
+        self._s3.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self):
+        self._s3.delete_dir_contents("/", accept_root_dir=True)
+
+    def delete_file(self, path):
+        self._s3.delete_file(path)
+
+    def move(self, src, dest):
+        self._s3.move(src, dest)
+
+    def copy_file(self, src, dest):
+        self._s3.copy_file(src, dest)
+
+    def open_input_stream(self, path):
+        return self._s3.open_input_stream(path)
+
+    def open_input_file(self, path):
+        return self._s3.open_input_file(path)
+
+    def open_output_stream(self, path, metadata):
+        return self._s3.open_output_stream(path, metadata=metadata)
+
+    def open_append_stream(self, path, metadata):
+        return self._s3.open_append_stream(path, metadata=metadata)
 
 
 def _aws_error_code(message: str) -> str:

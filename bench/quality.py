@@ -1,0 +1,214 @@
+"""Does it learn to ground? The direct baseline, refinement alone and TimeRefine, trained on the same data
+with the same budget, beside the query-blind priors, on train and on test, in one table.
+
+    python bench/quality.py --videos 400 --epochs 40          # about 2 h on 2 cores; one table at the end
+    python bench/quality.py --videos 400 --epochs 20 --set time_tokens=false   # any TrainConfig option
+
+Renders the synthetic benchmark and extracts its features once (``timerefine synth`` and the extraction
+job on a local Ray, reused by later runs in the same ``--workdir``), then trains the three models with the
+library's loop (``timerefine.loop.train``, no Ray, one thread each, as many at a time as there are cores):
+
+- direct: K = 1, lambda = 0 (``From <seg_start> 35 to 40 <seg_end>``);
+- refinement only: K = 4 (sigma 5, 3, 1, 0 s), lambda = 0;
+- TimeRefine: K = 4, lambda = 1 (the auxiliary L1 head on every ``<offset>``).
+
+Everything else is TrainConfig's defaults (the ones that measure best for the built-in LLM) unless
+``--set`` changes it for all three. Each model is scored after its last epoch (no selection on val) on the
+test split and on as many training queries, every answer mode (text, head, fused, frames) and after every
+refinement step; its validation and training-subset mIoU after every epoch are the learning curves.
+Results land in ``<workdir>/quality.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+MODELS = {  # name -> what differs from the shared configuration
+    "direct (K=1)": {"schedule": "1", "l1_weight": 0.0},
+    "refinement only (K=4, L1 0)": {"schedule": "4", "l1_weight": 0.0},
+    "TimeRefine (K=4, L1 1)": {"schedule": "4", "l1_weight": 1.0},
+}
+
+
+def main() -> None:
+    from pipelines.jobs import quiet_console
+
+    quiet_console()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--videos", type=int, default=400)
+    parser.add_argument("--seed", type=int, default=0, help="of the benchmark and of training")
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--workdir", type=Path, default=Path("runs/quality"))
+    parser.add_argument("--set", nargs="*", default=[], metavar="OPTION=VALUE", help="TrainConfig options")
+    parser.add_argument("--parallel", type=int, default=len(os.sched_getaffinity(0)), help="models at once")
+    args = parser.parse_args()
+
+    data = args.workdir / f"synth{args.videos}-seed{args.seed}"
+    features = prepare(data, args.videos, args.seed)
+    options = dict(_option(item) for item in args.set)
+    from timerefine.training import TrainConfig
+
+    base = TrainConfig(
+        features=str(features),
+        train=str(data / "train.jsonl"),
+        val=str(data / "val.jsonl"),
+        epochs=args.epochs,
+        seed=args.seed,
+        **options,
+    )
+    configs = {name: replace(base, **changes) for name, changes in MODELS.items()}
+    started = time.monotonic()
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: one torch thread each
+    with ProcessPoolExecutor(max_workers=args.parallel, mp_context=context) as pool:
+        jobs = {
+            name: pool.submit(train_and_score, asdict(config), str(data)) for name, config in configs.items()
+        }
+        results = {name: job.result() for name, job in jobs.items()}
+    results = {
+        "priors": priors(data),
+        "models": results,
+        "shared": asdict(base),
+        "seconds": time.monotonic() - started,
+    }
+    (args.workdir / "quality.json").write_text(json.dumps(results, indent=1) + "\n")
+    print(render(results))
+
+
+def prepare(data: Path, videos: int, seed: int) -> Path:
+    """The benchmark's videos and annotations, and its feature table (extracted once, on a local Ray)."""
+    from pipelines.extract_features import ExtractConfig
+    from pipelines.extract_features import run as extract
+    from timerefine.data.synthetic import SynthConfig, generate_benchmark
+
+    if not (data / "test.jsonl").is_file():
+        print(generate_benchmark(data, SynthConfig(videos=videos, seed=seed), progress=False).format())
+    features = data / "features"
+    extract(ExtractConfig(input=str(data / "videos"), output=str(features), progress_every=100))
+    return features
+
+
+def priors(data: Path) -> dict[str, dict[str, Any]]:
+    from timerefine.baselines import fit_prior, score_prior
+    from timerefine.data.annotations import read_annotations
+
+    train, _ = read_annotations(data / "train.jsonl")
+    test, _ = read_annotations(data / "test.jsonl")
+    rows = {}
+    for kind in ("fixed", "whole", "random"):
+        prior = fit_prior(kind, train, seed=0)
+        window = f" [{prior.window[0]:.2f}, {prior.window[1]:.2f}]" if prior.window else ""
+        rows[f"prior: {kind}{window}"] = {
+            "test": score_prior(prior, test),
+            "train": score_prior(prior, train),
+        }
+    return rows
+
+
+def train_and_score(config: dict[str, Any], data: str) -> dict[str, Any]:
+    """In a child process: train one model with the library's loop, then score it on test and train."""
+    import tempfile
+
+    import torch
+
+    from timerefine.checkpoint import load_checkpoint
+    from timerefine.data.annotations import read_annotations
+    from timerefine.loop import TrainHooks, train
+    from timerefine.metrics import Prediction, score
+    from timerefine.training import TrainConfig, load_training_data
+
+    torch.set_num_threads(1)
+    config = TrainConfig.from_dict(config)
+    dataset = load_training_data(config)
+    folder = Path(tempfile.mkdtemp(prefix="quality-"))
+
+    def keep_last(metrics, write_checkpoint) -> None:
+        if metrics["epoch"] == config.epochs:
+            write_checkpoint(folder / "last")
+
+    started = time.monotonic()
+    history = train(config, dataset, TrainHooks(report=keep_last, log=lambda line: None))
+    seconds = time.monotonic() - started
+    model = load_checkpoint(folder / "last")
+    test = read_annotations(Path(data) / "test.jsonl")[0]
+    train_queries = dataset.train[:: max(1, len(dataset.train) // len(test))][: len(test)]
+    scores = {}
+    for split, queries in (("test", test), ("train", train_queries)):
+        predictions = []
+        for start in range(0, len(queries), 32):
+            chunk = queries[start : start + 32]
+            answers = model.generate(
+                [dataset.features[q.video_id].features for q in chunk],
+                [q.query for q in chunk],
+                [q.duration for q in chunk],
+            )
+            predictions += [
+                Prediction(
+                    q.qid, a["pred"], a["parsed"], a["pred_head"], a["pred_fused"],
+                    tuple(map(tuple, a["steps"])) or None, pred_frames=a.get("pred_frames"),
+                    off_grammar=a.get("off_grammar"),
+                )
+                for q, a in zip(chunk, answers, strict=True)
+            ]  # fmt: skip
+        scores[split] = score(predictions, queries)
+    shutil.rmtree(folder, ignore_errors=True)
+    return {"history": history, "scores": scores, "train_seconds": seconds}
+
+
+def render(results: dict[str, Any]) -> str:
+    keys = ("R1@0.3", "R1@0.5", "R1@0.7", "mIoU")
+    lines = [f"{'model / answer':<44} {'train mIoU':>10} " + " ".join(f"{'test ' + k:>12}" for k in keys)]
+    lines.append("-" * len(lines[0]))
+    for name, prior in results["priors"].items():
+        lines.append(
+            f"{name:<44} {prior['train']['mIoU']:>10.2f} "
+            + " ".join(f"{prior['test'][k]:>12.2f}" for k in keys)
+        )
+    for name, result in results["models"].items():
+        test, train = result["scores"]["test"], result["scores"]["train"]
+        for mode, block in test["modes"].items():
+            label = f"{name}: {mode}"
+            lines.append(
+                f"{label:<44} {train['modes'][mode]['mIoU']:>10.2f} "
+                + " ".join(f"{block[k]:>12.2f}" for k in keys)
+            )
+        if "steps" in test:
+            steps = " / ".join(f"{block['mIoU']:.2f}" for block in test["steps"].values())
+            lines.append(f"{'  after each step (test mIoU)':<44} {steps}")
+    lines.append("")
+    lines.append("learning curves, val mIoU by epoch (text / frames), and train-subset mIoU (text):")
+    for name, result in results["models"].items():
+        curve = " ".join(_curve_point(m) for m in result["history"])
+        lines.append(f"  {name}: {curve}")
+    minutes = results["seconds"] / 60
+    lines.append(f"\n{minutes:.0f} min in all; last-epoch models, no selection on val")
+    return "\n".join(lines)
+
+
+def _option(item: str) -> tuple[str, Any]:
+    """``key=value``, the value read as JSON (numbers, true, false, null), else as a string (5,3,1,0)."""
+    key, _, value = item.partition("=")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _curve_point(metrics: dict[str, Any]) -> str:
+    text, frames, train = (metrics.get(k, 0) for k in ("val_mIoU", "val_frames_mIoU", "train_mIoU"))
+    return f"{metrics['epoch']}:{text:.0f}/{frames:.0f}/{train:.0f}"
+
+
+if __name__ == "__main__":
+    main()
