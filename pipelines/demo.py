@@ -22,10 +22,10 @@ import argparse
 import io
 import json
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -268,8 +268,27 @@ def _train_all(workdir: Path, benchmark: Benchmark, config: DemoConfig) -> dict[
         )
         for model in MODELS
     }
-    with ThreadPoolExecutor(max_workers=len(runs)) as pool:  # each thread waits on its Ray Train run
-        results = dict(zip(runs, pool.map(train, runs.values()), strict=True))
+    results: dict[str, Any] = {}
+    errors: list[BaseException] = []
+
+    def run_one(name: str, job: TrainJobConfig) -> None:
+        try:
+            results[name] = train(job)
+        except BaseException as error:  # re-raised below, in the demo's thread
+            errors.append(error)
+
+    # Daemon threads, each waiting on its Ray Train run: Ctrl-C / SIGTERM interrupts the joins at once, and
+    # the Ray connection's shutdown on the way out stops both runs (a thread pool would wait for them).
+    threads = [
+        threading.Thread(target=run_one, args=item, name=f"train-{item[0]}", daemon=True)
+        for item in runs.items()
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
     return {name: result.final_checkpoint for name, result in results.items()}
 
 

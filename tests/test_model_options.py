@@ -92,6 +92,7 @@ def overfit_options(small_llm: str) -> tuple[TimeRefineModel, list[Sample]]:
         frame_loss_weight=1.0,
         time_embedding="digits",
         time_tokens=True,
+        query_conditioning=True,
     )
     model = TimeRefineModel.from_config(config)
     model.set_feature_stats(*fit_feature_stats(s.features for s in samples))
@@ -104,6 +105,7 @@ def test_a_model_with_every_option_fits_and_answers_in_time_tokens(overfit_optio
     vocabulary = model.tokenizer.get_vocab()
     assert all(token in vocabulary for token in (*SPECIAL_TOKENS, *TIME_TOKENS, *SIGN_TOKENS))
     assert model.frame_time is not None and model.frame_time.units_mix is None  # a bin is one token
+    assert model.query_context is not None and model.query_context.weight.abs().sum() > 0  # it trained
     for sample, prediction in zip(samples, _generate(model, samples), strict=True):
         assert prediction["text"] == sample.target
         assert parse_answer(prediction["text"]).steps == parse_answer(sample.target).steps
@@ -127,7 +129,7 @@ def test_a_checkpoint_keeps_the_options_and_gives_the_same_answers(overfit_optio
     model, samples = overfit_options
     directory = save_checkpoint(model, tmp_path / "ckpt")
     loaded = load_checkpoint(directory)
-    for name in ("prompt_layout", "frame_loss_weight", "time_embedding", "time_tokens"):
+    for name in ("prompt_layout", "frame_loss_weight", "time_embedding", "time_tokens", "query_conditioning"):
         assert getattr(loaded.config, name) == getattr(model.config, name)
     assert _generate(loaded, samples) == _generate(model, samples)
 
@@ -173,7 +175,7 @@ def test_a_checkpoint_written_before_the_options_existed_loads_as_the_paper(smal
     directory = save_checkpoint(model, tmp_path / "old")
     meta_path = directory / "timerefine.json"
     meta = json.loads(meta_path.read_text())
-    for name in ("prompt_layout", "frame_loss_weight", "time_embedding", "time_tokens"):
+    for name in ("prompt_layout", "frame_loss_weight", "time_embedding", "time_tokens", "query_conditioning"):
         del meta["model"][name]
     meta_path.write_text(json.dumps(meta))
     loaded = load_checkpoint(directory)

@@ -123,3 +123,30 @@ def test_sigterm_stops_the_job_and_its_ray_within_15_s_saying_how_to_resume(
 
     video_ids = ds.dataset(tmp_path / "features", format="parquet").to_table(columns=["video_id"])
     assert sorted(video_ids.column("video_id").to_pylist()) == sorted(p.stem for p in videos.glob("*.mp4"))
+
+
+def test_sigterm_stops_the_demo_while_both_models_train(tmp_path: Path) -> None:
+    """The demo waits on two training runs at once; SIGTERM must not wait for them to finish."""
+    ray_tmp = tempfile.mkdtemp(prefix="tr-ray-")
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "OMP_NUM_THREADS": "1", "TIMEREFINE_HOME": str(tmp_path)}
+    env.pop("RAY_ADDRESS", None)
+    argv = [sys.executable, "-m", "timerefine.cli", "demo", "--workdir", str(tmp_path / "demo")]
+    argv += ["--videos", "24", "--epochs", "20"]
+    job = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 400
+    lines = []
+    for line in job.stdout:  # read until both training runs have started
+        lines.append(line)
+        if line.startswith("[train") and "global batch" in line:
+            break
+        assert time.monotonic() < deadline and job.poll() is None, "".join(lines[-20:])
+    descendants = psutil.Process(job.pid).children(recursive=True)
+    sent = time.monotonic()
+    job.send_signal(signal.SIGTERM)
+    _, stderr = job.communicate(timeout=60)
+    stopped_in = time.monotonic() - sent
+    _, alive = psutil.wait_procs(descendants, timeout=max(0.0, STOP_WITHIN_S - stopped_in))
+    assert stopped_in <= STOP_WITHIN_S, f"the demo took {stopped_in:.1f} s to stop"
+    assert not alive, f"still running {STOP_WITHIN_S} s after SIGTERM: {[p.pid for p in alive]}"
+    assert job.returncode == 128 + signal.SIGTERM
+    assert "[demo] interrupted: " in stderr and "rerun the same command to resume" in stderr

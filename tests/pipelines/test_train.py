@@ -33,7 +33,7 @@ def test_local_mode_learns_reports_and_checkpoints_every_epoch(tiny_benchmark, t
     for key in ("loss", "ce", "l1", "val_R1@0.3", "val_R1@0.5", "val_R1@0.7", "val_mIoU", "samples_per_s"):
         assert all(isinstance(m[key], float) for m in epochs), key
     assert epochs[-1]["loss"] < 0.1 * epochs[0]["loss"]
-    assert epochs[0]["val_mIoU"] == 0 and max(m["val_mIoU"] for m in epochs) > 30  # it learns its answers
+    assert epochs[0]["val_mIoU"] < 15 and max(m["val_mIoU"] for m in epochs) > 30  # it learns its answers
     run_dir = trained_run.output / "timerefine"
     for epoch in range(1, trained_run.epochs + 1):
         assert (run_dir / f"checkpoint_epoch_{epoch:03d}" / "trainer_state.json").is_file()
@@ -115,7 +115,9 @@ def test_killed_run_resumes_from_its_s3_checkpoints(tiny_benchmark, ray_cluster,
         "Body"
     ]
     summary = json.loads(body.read())
-    assert summary["this_attempt"] == list(range(max(done) + 1, 4))
+    # The kill may land while the newest checkpoint is being uploaded: the workers then refuse it as
+    # incomplete and resume from the one before, so at most that epoch is trained again.
+    assert summary["this_attempt"] in (list(range(max(done) + 1, 4)), list(range(max(done), 4)))
     assert [m["epoch"] for m in summary["epochs"]] == [1, 2, 3]
     assert summary["final_checkpoint"].startswith(f"{output}/timerefine/checkpoint_epoch_00")
     assert max(_registered_epochs(Result, run_path, filesystem)) == 3
