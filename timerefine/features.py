@@ -182,15 +182,7 @@ def read_feature_table(
     filesystem, _ = storage.resolve(parts[0])
     paths = [storage.resolve(part)[1] for part in parts]
     wanted = None if columns is None else list(dict.fromkeys(["video_id", "status", *columns]))
-    try:
-        dataset = pads.dataset(paths, filesystem=filesystem, format="parquet")
-        table = dataset.to_table(columns=wanted)
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
-        raise ValueError(
-            f"{uri}: the part files do not share one schema (mixed extractions?): {error}"
-        ) from error
-    except OSError as error:
-        raise StorageError(f"cannot read the feature table {uri}: {error}") from error
+    dataset, table = _read_parts(uri, filesystem, paths, wanted)
     if "encoder" in table.column_names:
         encoders = {value for value in table.column("encoder").unique().to_pylist() if value is not None}
         if len(encoders) > 1:
@@ -252,15 +244,7 @@ def committed_rows(uri: str, storage: Storage | None = None) -> CommittedRows:
         return CommittedRows([], [], [], None)
     filesystem, _ = storage.resolve(parts[0])
     uri_of_path = {storage.resolve(part)[1]: part for part in parts}
-    try:
-        dataset = pads.dataset(list(uri_of_path), filesystem=filesystem, format="parquet")
-        table = dataset.to_table(columns=["video_id", "status", "__filename"])
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
-        raise ValueError(
-            f"{uri}: the part files do not share one schema (mixed extractions?): {error}"
-        ) from error
-    except OSError as error:
-        raise StorageError(f"cannot read the feature table {uri}: {error}") from error
+    dataset, table = _read_parts(uri, filesystem, list(uri_of_path), ["video_id", "status", "__filename"])
     return CommittedRows(
         table.column("video_id").to_pylist(),
         table.column("status").to_pylist(),
@@ -321,3 +305,20 @@ def _one_row_per_video(table: pa.Table) -> pa.Table:
         elif statuses[index] == STATUS_OK:
             logger.warning("video %s has more than one ok row; keeping one", video_id)
     return table.take(sorted(chosen.values()))
+
+
+def _read_parts(
+    uri: str, filesystem, paths: list[str], columns: list[str] | None
+) -> tuple[pads.Dataset, pa.Table]:
+    """The part files of the table at ``uri`` as a dataset (its schema holds the table's metadata) and the
+    columns asked for, with Arrow's and the storage's errors told as
+    bad input (parts of different extractions) or as storage errors, naming the table."""
+    try:
+        dataset = pads.dataset(paths, filesystem=filesystem, format="parquet")
+        return dataset, dataset.to_table(columns=columns)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
+        raise ValueError(
+            f"{uri}: the part files do not share one schema (mixed extractions?): {error}"
+        ) from error
+    except OSError as error:
+        raise StorageError(f"cannot read the feature table {uri}: {error}") from error

@@ -69,6 +69,20 @@ def listening_addresses(root: psutil.Process) -> dict[str, set[str]]:
     return found
 
 
+def terminate_within_the_limit(job: subprocess.Popen, descendants: list[psutil.Process]) -> str:
+    """SIGTERM the job; it and every process it had started must be gone within STOP_WITHIN_S, with the
+    exit status of a SIGTERM. Returns its stderr."""
+    sent = time.monotonic()
+    job.send_signal(signal.SIGTERM)
+    _, stderr = job.communicate(timeout=60)
+    stopped_in = time.monotonic() - sent
+    _, alive = psutil.wait_procs(descendants, timeout=max(0.0, STOP_WITHIN_S - stopped_in))
+    assert stopped_in <= STOP_WITHIN_S, f"it took {stopped_in:.1f} s to stop"
+    assert not alive, f"still running {STOP_WITHIN_S} s after SIGTERM: {[p.pid for p in alive]}"
+    assert job.returncode == 128 + signal.SIGTERM
+    return stderr
+
+
 def is_loopback(address: str) -> bool:
     """127.0.0.0/8 and ::1, also written IPv4-mapped (``::ffff:127.0.0.1``, which ``is_loopback`` misses)."""
     parsed = ipaddress.ip_address(address)
@@ -104,14 +118,7 @@ def test_sigterm_stops_the_job_and_its_ray_within_15_s_saying_how_to_resume(
     time.sleep(8)  # into the extraction
     descendants = root.children(recursive=True)
     assert job.poll() is None, "the job finished before it could be interrupted; give it more videos"
-    sent = time.monotonic()
-    job.send_signal(signal.SIGTERM)
-    _, stderr = job.communicate(timeout=60)
-    stopped_in = time.monotonic() - sent
-    _, alive = psutil.wait_procs(descendants, timeout=max(0.0, STOP_WITHIN_S - stopped_in))
-    assert stopped_in <= STOP_WITHIN_S, f"the job took {stopped_in:.1f} s to stop"
-    assert not alive, f"still running {STOP_WITHIN_S} s after SIGTERM: {[p.pid for p in alive]}"
-    assert job.returncode == 128 + signal.SIGTERM
+    stderr = terminate_within_the_limit(job, descendants)
     interrupted = [line for line in stderr.splitlines() if line.startswith("[extract] interrupted:")]
     assert len(interrupted) == 1 and "rerun the same command to resume" in interrupted[0], stderr[-3000:]
     assert "Traceback" not in stderr
@@ -141,12 +148,5 @@ def test_sigterm_stops_the_demo_while_both_models_train(tmp_path: Path) -> None:
             break
         assert time.monotonic() < deadline and job.poll() is None, "".join(lines[-20:])
     descendants = psutil.Process(job.pid).children(recursive=True)
-    sent = time.monotonic()
-    job.send_signal(signal.SIGTERM)
-    _, stderr = job.communicate(timeout=60)
-    stopped_in = time.monotonic() - sent
-    _, alive = psutil.wait_procs(descendants, timeout=max(0.0, STOP_WITHIN_S - stopped_in))
-    assert stopped_in <= STOP_WITHIN_S, f"the demo took {stopped_in:.1f} s to stop"
-    assert not alive, f"still running {STOP_WITHIN_S} s after SIGTERM: {[p.pid for p in alive]}"
-    assert job.returncode == 128 + signal.SIGTERM
+    stderr = terminate_within_the_limit(job, descendants)
     assert "[demo] interrupted: " in stderr and "rerun the same command to resume" in stderr
