@@ -9,6 +9,7 @@ frame a decoder returned. ``sample_video_truth`` states what each decodable file
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -24,12 +25,20 @@ SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> str:
+def ray_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[raycluster.SessionRay]:
+    session = raycluster.SessionRay(tmp_path_factory.mktemp("ray"))
+    yield session
+    session.stop()
+
+
+@pytest.fixture
+def ray_cluster(ray_session: raycluster.SessionRay) -> Iterator[str]:
     """The address of a local Ray cluster (2 CPUs, 127.0.0.1) that this test process is connected to; one
-    for the whole session, shared by every test folder (tests/pipelines, tests/tune)."""
-    address = raycluster.start_local_ray(tmp_path_factory.mktemp("ray"))
-    yield address
-    raycluster.stop_local_ray()
+    for the whole session, shared by every test folder (tests/pipelines, tests/tune), with every CPU
+    free when the test starts. A test that does not give them back fails in its teardown and the
+    cluster is replaced (``raycluster.SessionRay``)."""
+    yield ray_session.address
+    ray_session.give_back_or_replace()
 
 
 @pytest.fixture(scope="session")

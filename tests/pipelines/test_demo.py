@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from processes import run_reaped
 
 from timerefine.baselines import fit_prior, score_prior
 from timerefine.data.annotations import read_annotations
@@ -44,9 +45,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, subpr
     argv = ["timerefine.cli", "demo", "--workdir", str(workdir), "--videos", str(VIDEOS), "--epochs", "1"]
     argv += ["--global-batch-size", "4"]
     try:
-        finished = subprocess.run(
-            [sys.executable, "-m", *argv], env=env, capture_output=True, text=True, timeout=900
-        )
+        finished = run_reaped([sys.executable, "-m", *argv], timeout_s=900, env=env)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from processes import ProcessTree
 
 from timerefine.data.synthetic import SynthConfig, generate_benchmark
 
@@ -33,28 +35,48 @@ def videos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder / "videos"
 
 
-def start_extract(videos: Path, output: Path) -> subprocess.Popen:
-    ray_tmp = tempfile.mkdtemp(prefix="tr-ray-")  # short: Ray's socket paths must fit in 107 bytes
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "OMP_NUM_THREADS": "1"}
-    env.pop("RAY_ADDRESS", None)  # the job must start its own Ray
-    argv = [
-        sys.executable,
-        "-m",
-        "timerefine.cli",
-        "extract",
-        "--input",
-        str(videos),
-        "--output",
-        str(output),
-    ]
-    argv += ["--videos-per-file", "1"]
-    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+class Job:
+    """``timerefine <argv>`` as a user runs it, starting a Ray of its own, as a context: on the way out
+    whatever it started and still runs is killed and its Ray folder removed. stdout and stderr go to
+    files (a pipe nobody reads would stall the job once full)."""
+
+    def __init__(self, argv: list[str], folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.stdout_path, self.stderr_path = folder / "stdout.txt", folder / "stderr.txt"
+        self.ray_tmp = tempfile.mkdtemp(prefix="tr-ray-")  # short: Ray's socket paths must fit in 107 bytes
+        env = {**os.environ, "RAY_TMPDIR": self.ray_tmp, "OMP_NUM_THREADS": "1"}
+        env.setdefault("TIMEREFINE_HOME", str(folder / "home"))
+        env.pop("RAY_ADDRESS", None)  # the job must start its own Ray
+        with open(self.stdout_path, "w") as stdout, open(self.stderr_path, "w") as stderr:
+            command = [sys.executable, "-m", "timerefine.cli", *argv]
+            self.process = subprocess.Popen(command, env=env, stdout=stdout, stderr=stderr, text=True)
+        self.tree = ProcessTree(self.process)
+
+    def __enter__(self) -> Job:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.tree.kill()
+        shutil.rmtree(self.ray_tmp, ignore_errors=True)
+
+    @property
+    def stdout(self) -> str:
+        return self.stdout_path.read_text()
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
 
 
-def listening_addresses(root: psutil.Process) -> dict[str, set[str]]:
-    """Every address a process of the tree listens on (TCP LISTEN, or bound UDP) -> the processes."""
+def extract(videos: Path, output: Path) -> Job:
+    argv = ["extract", "--input", str(videos), "--output", str(output), "--videos-per-file", "1"]
+    return Job(argv, output.parent / f"{output.name}-job-{time.monotonic_ns()}")
+
+
+def listening_addresses(job: Job) -> dict[str, set[str]]:
+    """Every address a process of the job listens on (TCP LISTEN, or bound UDP) -> the processes."""
     found: dict[str, set[str]] = {}
-    for process in [root, *root.children(recursive=True)]:
+    for process in [psutil.Process(job.process.pid), *job.tree.watch()]:
         try:
             name = " ".join(process.cmdline()[:3])[:120]
             connections = process.net_connections(kind="inet")
@@ -69,17 +91,20 @@ def listening_addresses(root: psutil.Process) -> dict[str, set[str]]:
     return found
 
 
-def terminate_within_the_limit(job: subprocess.Popen, descendants: list[psutil.Process]) -> str:
+def terminate_within_the_limit(job: Job) -> str:
     """SIGTERM the job; it and every process it had started must be gone within STOP_WITHIN_S, with the
     exit status of a SIGTERM. Returns its stderr."""
+    job.tree.watch()
     sent = time.monotonic()
-    job.send_signal(signal.SIGTERM)
-    _, stderr = job.communicate(timeout=60)
+    job.process.send_signal(signal.SIGTERM)
+    job.process.wait(timeout=60)
     stopped_in = time.monotonic() - sent
-    _, alive = psutil.wait_procs(descendants, timeout=max(0.0, STOP_WITHIN_S - stopped_in))
-    assert stopped_in <= STOP_WITHIN_S, f"it took {stopped_in:.1f} s to stop"
-    assert not alive, f"still running {STOP_WITHIN_S} s after SIGTERM: {[p.pid for p in alive]}"
-    assert job.returncode == 128 + signal.SIGTERM
+    _, alive = psutil.wait_procs(job.tree.alive(), timeout=max(0.0, STOP_WITHIN_S - stopped_in))
+    stderr = job.stderr
+    assert stopped_in <= STOP_WITHIN_S, f"it took {stopped_in:.1f} s to stop\n{stderr[-3000:]}"
+    running = [" ".join(p.cmdline()[:2])[:100] for p in alive if p.is_running()]
+    assert not alive, f"still running {STOP_WITHIN_S} s after SIGTERM: {running}"
+    assert job.process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     return stderr
 
 
@@ -91,16 +116,16 @@ def is_loopback(address: str) -> bool:
 
 
 def test_every_socket_of_a_local_job_listens_on_loopback_only(videos: Path, tmp_path: Path) -> None:
-    job = start_extract(videos, tmp_path / "features")
-    root = psutil.Process(job.pid)
     seen: dict[str, set[str]] = {}
-    while job.poll() is None:
-        for address, processes in listening_addresses(root).items():
-            seen.setdefault(address, set()).update(processes)
-        time.sleep(0.5)
-    stdout, stderr = job.communicate()
-    assert job.returncode == 0, stderr[-3000:]
-    assert "16 ok, 0 failed" in stdout + stderr
+    with extract(videos, tmp_path / "features") as job:
+        deadline = time.monotonic() + 600
+        while job.process.poll() is None:
+            for address, processes in listening_addresses(job).items():
+                seen.setdefault(address, set()).update(processes)
+            assert time.monotonic() < deadline, "the extraction did not finish within 600 s"
+            time.sleep(0.5)
+    assert job.process.returncode == 0, job.stderr[-3000:]
+    assert "16 ok, 0 failed" in job.stdout + job.stderr
     assert seen, "no listening socket was seen: the watch did not see Ray at all"
     exposed = {address: names for address, names in seen.items() if not is_loopback(address)}
     assert not exposed, f"listening beyond loopback: {exposed}"
@@ -109,23 +134,21 @@ def test_every_socket_of_a_local_job_listens_on_loopback_only(videos: Path, tmp_
 def test_sigterm_stops_the_job_and_its_ray_within_15_s_saying_how_to_resume(
     videos: Path, tmp_path: Path
 ) -> None:
-    job = start_extract(videos, tmp_path / "features")
-    root = psutil.Process(job.pid)
-    deadline = time.monotonic() + 180
-    while not any(p.name().startswith("raylet") for p in root.children(recursive=True)):
-        assert job.poll() is None and time.monotonic() < deadline, "the job ended before its Ray was up"
-        time.sleep(0.5)
-    time.sleep(8)  # into the extraction
-    descendants = root.children(recursive=True)
-    assert job.poll() is None, "the job finished before it could be interrupted; give it more videos"
-    stderr = terminate_within_the_limit(job, descendants)
+    with extract(videos, tmp_path / "features") as job:
+        deadline = time.monotonic() + 180
+        while not any(p.name().startswith("raylet") for p in job.tree.watch()):
+            assert job.process.poll() is None, f"the job ended before its Ray was up\n{job.stderr[-3000:]}"
+            assert time.monotonic() < deadline, "the job's Ray did not start within 180 s"
+            time.sleep(0.5)
+        time.sleep(8)  # into the extraction
+        assert job.process.poll() is None, "the job ended before it could be interrupted; give it more videos"
+        stderr = terminate_within_the_limit(job)
     interrupted = [line for line in stderr.splitlines() if line.startswith("[extract] interrupted:")]
     assert len(interrupted) == 1 and "rerun the same command to resume" in interrupted[0], stderr[-3000:]
     assert "Traceback" not in stderr
 
-    rerun = start_extract(videos, tmp_path / "features")  # continues: nothing lost, nothing doubled
-    _, stderr = rerun.communicate(timeout=600)
-    assert rerun.returncode == 0, stderr[-3000:]
+    with extract(videos, tmp_path / "features") as rerun:  # continues: nothing lost, nothing doubled
+        assert rerun.process.wait(timeout=600) == 0, rerun.stderr[-3000:]
     import pyarrow.dataset as ds
 
     video_ids = ds.dataset(tmp_path / "features", format="parquet").to_table(columns=["video_id"])
@@ -134,19 +157,13 @@ def test_sigterm_stops_the_job_and_its_ray_within_15_s_saying_how_to_resume(
 
 def test_sigterm_stops_the_demo_while_both_models_train(tmp_path: Path) -> None:
     """The demo waits on two training runs at once; SIGTERM must not wait for them to finish."""
-    ray_tmp = tempfile.mkdtemp(prefix="tr-ray-")
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "OMP_NUM_THREADS": "1", "TIMEREFINE_HOME": str(tmp_path)}
-    env.pop("RAY_ADDRESS", None)
-    argv = [sys.executable, "-m", "timerefine.cli", "demo", "--workdir", str(tmp_path / "demo")]
-    argv += ["--videos", "24", "--epochs", "20"]
-    job = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 400
-    lines = []
-    for line in job.stdout:  # read until both training runs have started
-        lines.append(line)
-        if line.startswith("[train") and "global batch" in line:
-            break
-        assert time.monotonic() < deadline and job.poll() is None, "".join(lines[-20:])
-    descendants = psutil.Process(job.pid).children(recursive=True)
-    stderr = terminate_within_the_limit(job, descendants)
-    assert "[demo] interrupted: " in stderr and "rerun the same command to resume" in stderr
+    argv = ["demo", "--workdir", str(tmp_path / "demo"), "--videos", "24", "--epochs", "20"]
+    with Job(argv, tmp_path / "job") as job:
+        deadline = time.monotonic() + 400
+        while "global batch" not in job.stdout:  # a training run's first line
+            assert job.process.poll() is None, f"the demo ended before it trained\n{job.stderr[-3000:]}"
+            assert time.monotonic() < deadline, f"no training started within 400 s\n{job.stdout[-3000:]}"
+            job.tree.watch()
+            time.sleep(0.5)
+        stderr = terminate_within_the_limit(job)
+    assert "[demo] interrupted: " in stderr and "rerun the same command to resume" in stderr, stderr[-3000:]

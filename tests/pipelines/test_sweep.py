@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 from PIL import Image
+from processes import reaped
 from tensorboardX.proto.event_pb2 import Event
 
 from pipelines import jobs, report, sweep
@@ -253,13 +254,14 @@ def test_a_killed_sweep_continues_without_rerunning_finished_trials(sweep_benchm
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen([*argv, "--no-report"], env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 240
-    while "TERMINATED" not in trial_states(experiment).values():
-        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        assert time.monotonic() < deadline, "no trial finished within 240 s"
-        time.sleep(0.5)
-    first.send_signal(signal.SIGKILL)  # the driver dies mid-sweep; the cluster stays
-    first.wait()
+    with reaped(first):
+        deadline = time.monotonic() + 240
+        while "TERMINATED" not in trial_states(experiment).values():
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no trial finished within 240 s"
+            time.sleep(0.5)
+        first.send_signal(signal.SIGKILL)  # the driver dies mid-sweep; the cluster stays
+        first.wait()
     states = trial_states(experiment)
     assert sorted(states.values()) != ["TERMINATED", "TERMINATED"], "the sweep was over before the kill"
     finished = next(trial for trial, status in states.items() if status == "TERMINATED")

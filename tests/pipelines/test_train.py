@@ -14,6 +14,7 @@ from pathlib import Path
 import pyarrow.fs
 import pytest
 import torch
+from processes import reaped
 
 from pipelines import jobs, train
 from timerefine.checkpoint import load_checkpoint
@@ -91,13 +92,14 @@ def test_killed_run_resumes_from_its_s3_checkpoints(tiny_benchmark, ray_cluster,
         filesystem, run_path = storage.resolve(f"{output}/timerefine")
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen(argv, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 240
-    while not _registered_epochs(Result, run_path, filesystem):
-        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        assert time.monotonic() < deadline, "no epoch-1 checkpoint within 240 s"
-        time.sleep(0.5)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
+    with reaped(first):
+        deadline = time.monotonic() + 240
+        while not _registered_epochs(Result, run_path, filesystem):
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no epoch-1 checkpoint within 240 s"
+            time.sleep(0.5)
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
     registered = _registered_epochs(Result, run_path, filesystem)
     # What the run resumes from: the checkpoints in its folder (Ray Train registers them a poll later).
     run = f"{output}/timerefine"

@@ -1,0 +1,80 @@
+"""A test's subprocess and everything it starts, killed when the test ends, passed or failed.
+
+A job run as a subprocess starts a Ray of its own (GCS, raylet, workers, agents); when a test fails
+before it has stopped the job, or the job's Ray outlives it, those processes keep running through the
+rest of the session: they took both cores of a CI machine once, and every later Ray test timed out. The
+processes are collected while the job runs, because once the job is gone its Ray's processes are
+children of init and can no longer be told from anyone else's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import threading
+from collections.abc import Iterator
+
+import psutil
+
+
+class ProcessTree:
+    """The processes a subprocess has started, as far as they have been seen."""
+
+    def __init__(self, root: subprocess.Popen, every_s: float = 1.0) -> None:
+        self.root = root
+        self.seen: dict[int, psutil.Process] = {}
+        self._lock = threading.Lock()
+        self.watch()
+        threading.Thread(target=self._watch_until_the_root_ends, args=(every_s,), daemon=True).start()
+
+    def _watch_until_the_root_ends(self, every_s: float) -> None:
+        while self.root.poll() is None:
+            self.watch()
+            threading.Event().wait(every_s)
+
+    def watch(self) -> list[psutil.Process]:
+        """Record the root's descendants now (call it while they run); returns them."""
+        try:
+            descendants = psutil.Process(self.root.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+        with self._lock:
+            for process in descendants:
+                self.seen.setdefault(process.pid, process)
+        return descendants
+
+    def alive(self) -> list[psutil.Process]:
+        """Descendants seen at some point that still run (a reused pid is told apart by its start time)."""
+        with self._lock:
+            return [process for process in self.seen.values() if process.is_running()]
+
+    def kill(self) -> None:
+        """SIGKILL the root and every descendant seen, including those seen just now."""
+        self.watch()
+        for process in [*self.alive(), psutil.Process(self.root.pid) if self.root.poll() is None else None]:
+            if process is not None:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.kill()
+        psutil.wait_procs(self.alive(), timeout=10)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.root.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def reaped(root: subprocess.Popen) -> Iterator[ProcessTree]:
+    """``with reaped(subprocess.Popen(...)) as tree:``; on the way out, whatever still runs is killed."""
+    tree = ProcessTree(root)
+    try:
+        yield tree
+    finally:
+        tree.kill()
+
+
+def run_reaped(argv: list[str], timeout_s: float, **popen: object) -> subprocess.CompletedProcess:
+    """``subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)``, except that on the
+    way out, timed out or not, everything the command started and left running is killed too
+    (``subprocess.run`` kills only the command itself)."""
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    with reaped(process):
+        stdout, stderr = process.communicate(timeout=timeout_s)
+    return subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
