@@ -18,10 +18,28 @@ import av
 import numpy as np
 import pytest
 import raycluster  # sets Ray's environment before any test module imports ray
+from processes import NormalScheduling
 
 from timerefine.video import write_video
 
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+
+
+_SCHEDULING = NormalScheduling()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _SCHEDULING.start()
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Say so when the suite's processes had to be taken off a real-time policy: the run was disturbed."""
+    if _SCHEDULING.reset:
+        names = sorted(set(_SCHEDULING.reset.values()))[:10]
+        terminalreporter.write_line(
+            f"{len(_SCHEDULING.reset)} process(es) of the suite were found under a real-time scheduling "
+            f"policy (set from outside) and put back under SCHED_OTHER: {names}"
+        )
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ children of init and can no longer be told from anyone else's.
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -78,3 +79,50 @@ def run_reaped(argv: list[str], timeout_s: float, **popen: object) -> subprocess
     with reaped(process):
         stdout, stderr = process.communicate(timeout=timeout_s)
     return subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
+
+
+REAL_TIME_POLICIES = (os.SCHED_FIFO, os.SCHED_RR)
+
+
+class NormalScheduling:
+    """Keeps the test process and everything it starts under the normal scheduling policy.
+
+    On the shared machine the suite runs on, the test process was seen switched to SCHED_FIFO at priority
+    99 mid-run, by nothing of ours; every job it started after that inherited it, and a CPU-bound
+    real-time process is never preempted by the normal ones (Ray's GCS and raylet, the job's own
+    driver), so the jobs under test starve in ways no user machine shows. A thread started before any
+    such switch looks every ``every_s`` seconds at the main thread of each process of the tree and puts a
+    real-time one, and all its threads, back under SCHED_OTHER; ``reset`` counts them for the summary.
+    """
+
+    def __init__(self, every_s: float = 2.0) -> None:
+        self.every_s = every_s
+        self.reset: dict[int, str] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="normal-scheduling", daemon=True)
+
+    def start(self) -> NormalScheduling:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.check()
+
+    def check(self) -> None:
+        me = psutil.Process()
+        try:
+            processes = [me, *me.children(recursive=True)]
+        except psutil.Error:
+            return
+        for process in processes:
+            with contextlib.suppress(OSError, psutil.Error):
+                if os.sched_getscheduler(process.pid) in REAL_TIME_POLICIES:
+                    for thread in process.threads():
+                        with contextlib.suppress(OSError):
+                            os.sched_setscheduler(thread.id, os.SCHED_OTHER, os.sched_param(0))
+                    self.reset.setdefault(process.pid, " ".join(process.cmdline()[:2])[:80])
