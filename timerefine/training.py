@@ -78,7 +78,7 @@ class TrainConfig:
         TIME_EMBEDDINGS,
     )
     query_conditioning: bool = _option(
-        "method", "add the question (its mean token embedding, projected) to every frame slot", False
+        "method", "add the question (its mean token embedding, projected) to every frame slot", True
     )
     time_tokens: bool = _option(
         "method", "a bin is one token (<35>), a sign <+> / <->, as the released code", False
