@@ -52,10 +52,11 @@ class ProcessTree:
     def kill(self) -> None:
         """SIGKILL the root and every descendant seen, including those seen just now."""
         self.watch()
-        for process in [*self.alive(), psutil.Process(self.root.pid) if self.root.poll() is None else None]:
-            if process is not None:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    process.kill()
+        if self.root.poll() is None:
+            self.root.kill()
+        for process in self.alive():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
         psutil.wait_procs(self.alive(), timeout=10)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.root.wait(timeout=10)
