@@ -2,9 +2,9 @@
 
 A job run as a subprocess starts a Ray of its own (GCS, raylet, workers, agents); when a test fails
 before it has stopped the job, or the job's Ray outlives it, those processes keep running through the
-rest of the session: they took both cores of a CI machine once, and every later Ray test timed out. The
-processes are collected while the job runs, because once the job is gone its Ray's processes are
-children of init and can no longer be told from anyone else's.
+rest of the session, competing with every later test for the machine's cores. The processes are
+collected while the job runs, because once the job is gone its Ray's processes are children of init and
+can no longer be told from anyone else's.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import contextlib
 import os
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 
 import psutil
@@ -31,7 +32,7 @@ class ProcessTree:
     def _watch_until_the_root_ends(self, every_s: float) -> None:
         while self.root.poll() is None:
             self.watch()
-            threading.Event().wait(every_s)
+            time.sleep(every_s)
 
     def watch(self) -> list[psutil.Process]:
         """Record the root's descendants now (call it while they run); returns them."""
@@ -98,20 +99,15 @@ class NormalScheduling:
 
     def __init__(self, every_s: float = 2.0) -> None:
         self.every_s = every_s
-        self.reset: dict[int, str] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="normal-scheduling", daemon=True)
+        self.reset: dict[int, str] = {}  # pid -> its command, each process put back
 
-    def start(self) -> NormalScheduling:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
+    def start(self) -> None:
+        """Check in a daemon thread for as long as the test process lives."""
+        threading.Thread(target=self._run, name="normal-scheduling", daemon=True).start()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.every_s):
+        while True:
+            time.sleep(self.every_s)
             self.check()
 
     def check(self) -> None:

@@ -63,8 +63,8 @@ class SessionRay:
     """The session's local Ray, handed to each test with every CPU free.
 
     A test that leaves an actor or a task holding CPUs (a killed driver whose trials never ended, say)
-    fails in its own teardown, naming what is left, and the cluster is replaced by a new one, so that
-    the tests after it neither wait for CPUs that never come nor fail for it.
+    fails in its own teardown, saying how many CPUs are still held, and the cluster is replaced by a new
+    one, so that the tests after it neither wait for CPUs that never come nor fail for it.
     """
 
     def __init__(self, folder: Path) -> None:
