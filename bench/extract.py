@@ -10,8 +10,8 @@ In one run on the same synthetic videos (built-in encoder unless ``--encoder``),
   decoded beforehand, as a GPU cluster runs them;
 - the pipeline: the job's Ray Data dataset as this machine's plan builds it (on CPUs, decoding and
   encoding in one actor a core), writing Parquet;
-- ``timerefine extract`` end to end (a fresh process: Python, Ray's start, workers, writing) and the peak
-  memory of its process tree (PSS: shared object-store pages counted once);
+- ``timerefine extract`` end to end (a fresh process: Python, Ray's start, workers, writing), and in one
+  more run the peak memory of its process tree (PSS: shared object-store pages counted once);
 - the plain loop (bench/plain_loop.py: decord, linspace, centre crop, transformers at 2 torch threads,
   one process), end to end the same way;
 
@@ -152,7 +152,11 @@ def stream(dataset, keep: list | None = None) -> tuple[float, float]:
 
 
 def peak_memory_of(process: subprocess.Popen, every_s: float = 0.5) -> tuple[float, int]:
-    """Wait for ``process``; (wall seconds, peak PSS of it and all its descendants, bytes)."""
+    """Wait for ``process``; (wall seconds, peak PSS of it and all its descendants, bytes).
+
+    Reading PSS walks every mapping of every process (/proc/PID/smaps): on 2 cores, sampling a job's
+    thirty-odd processes twice a second cost it about 10 s of 45, so the wall time of a run whose memory
+    is sampled is not one to compare (``measure`` times other runs)."""
     started = time.perf_counter()
     peak = 0
     root = psutil.Process(process.pid)
@@ -170,12 +174,21 @@ def peak_memory_of(process: subprocess.Popen, every_s: float = 0.5) -> tuple[flo
     return wall, peak
 
 
-def run_extract(videos_dir: Path, encoder: str | None, num_frames: int) -> tuple[float, int]:
+def run_extract(
+    videos_dir: Path, encoder: str | None, num_frames: int, memory: bool = False
+) -> tuple[float, int]:
+    """(wall seconds, peak PSS bytes when ``memory``, else 0) of one ``timerefine extract`` run."""
     with tempfile.TemporaryDirectory() as output:
         command = [sys.executable, "-m", "timerefine.cli", "extract", "--input", str(videos_dir)]
         command += ["--output", output, "--num-frames", str(num_frames)]
         command += ["--encoder", encoder] if encoder else []
-        return peak_memory_of(subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL))
+        process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL)
+        if memory:
+            return peak_memory_of(process)
+        started = time.perf_counter()
+        if process.wait():
+            raise RuntimeError(f"timerefine extract exited with status {process.returncode}")
+        return time.perf_counter() - started, 0
 
 
 def run_plain_loop(videos_dir: Path, encoder_dir: str) -> float:
@@ -238,11 +251,11 @@ def measure(count: int, args, encoder_ref, settings: DecodeSettings) -> tuple[di
         first, second = (EXTRACT, LOOP) if repeat % 2 == 0 else (LOOP, EXTRACT)
         for name in (first, second):
             if name == EXTRACT:
-                wall, peak = run_extract(videos_dir, args.encoder, args.num_frames)
-                results[EXTRACT].walls.append(wall)
-                results[EXTRACT].peaks.append(peak)
+                results[EXTRACT].walls.append(run_extract(videos_dir, args.encoder, args.num_frames)[0])
             else:
                 results[LOOP].walls.append(run_plain_loop(videos_dir, encoder_ref.path or encoder_ref.name))
+
+    results[EXTRACT].peaks.append(run_extract(videos_dir, args.encoder, args.num_frames, memory=True)[1])
 
     storage = Storage()
     with ray_connection(ClusterOptions()):

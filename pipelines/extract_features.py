@@ -457,7 +457,7 @@ def write_stage(features: pa.Table, output: str, storage: Storage) -> pa.Table:
 
 
 def video_dataset(todo: dict[str, str]) -> Dataset:
-    """One block a video: each is one decode task, and the actors take them a few at a time."""
+    """One block a video: the decode tasks and the actors take them a few at a time."""
     import ray
 
     items = [{"video_id": video_id, "uri": uri} for video_id, uri in todo.items()]
@@ -469,7 +469,7 @@ def add_decoding(
 ) -> Dataset:
     return videos.map_batches(
         decode_stage,
-        batch_size=1,
+        batch_size=compute.videos_per_decode_task(settings.frame_bytes),
         batch_format="pyarrow",
         zero_copy_batch=True,
         fn_kwargs={"storage": storage, "settings": settings},

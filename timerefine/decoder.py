@@ -48,6 +48,11 @@ class DecodeSettings:
     backend: str = "auto"
     threads: int = 1  # decoder threads: a task or actor decodes one video a core, and more cost CPU
 
+    @property
+    def frame_bytes(self) -> int:
+        """The size of one video's sampled, cropped frames (uint8 RGB)."""
+        return self.num_frames * self.crop_size * self.crop_size * 3
+
     @classmethod
     def for_encoder(cls, preprocessing: ClipPreprocessing, **overrides) -> DecodeSettings:
         return cls(resize_short=preprocessing.resize_short, crop_size=preprocessing.crop_size, **overrides)
@@ -142,7 +147,7 @@ class IsolatedDecoder:
         """The child, started if needed (or restarted with a larger buffer when the settings grew); the
         timeout of a video starts once the child is ready."""
         settings = self.settings
-        frame_bytes = settings.num_frames * settings.crop_size * settings.crop_size * 3
+        frame_bytes = settings.frame_bytes
         if self._process is not None and self._process.poll() is None:
             if self._buffer.size >= frame_bytes:
                 return self._process

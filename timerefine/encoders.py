@@ -6,16 +6,19 @@ pipeline splits it: ``ClipPreprocessing.resize_and_crop`` runs in the decode tas
 has already shrunk, so only crop-sized uint8 frames cross Ray's object store; ``normalize`` and the
 forward pass run in the encoder actors, in batches, fp16 on a GPU.
 
-Any CLIP vision tower with a projection loads through ``from_pretrained`` from a hub id or a local
-directory. Without a network, the default is a small CLIP vision model built from a config with a fixed
-seed, saved once with ``save_pretrained`` into a cache directory and then loaded back through the same
-``from_pretrained`` path as any other. Its random weights still run the real preprocessing and forward
-pass; its features are only as meaningful as random weights allow (DESIGN.md section 7). A second built-in,
-``timerefine/random-clip-vit-l-14``, has ViT-L/14's shape and random weights, for measuring encoding
-throughput at the paper's size on a GPU.
+Any CLIP vision tower with a projection saved by transformers (a vision-only or a full CLIP model, in
+safetensors) loads from a hub id or a local directory into ``timerefine.clip.ClipVisionTower``, the same
+network in plain PyTorch, which an actor loads in a tenth of a second instead of the seconds transformers'
+modelling code takes to import. Without a network, the default is a small CLIP vision model built by
+transformers from a config with a fixed seed, saved once with ``save_pretrained`` into a cache directory
+and then loaded back through the same path as any other. Its random weights still run the real
+preprocessing and forward pass; its features are only as meaningful as random weights allow (DESIGN.md
+section 7). A second built-in, ``timerefine/random-clip-vit-l-14``, has ViT-L/14's shape and random
+weights, for measuring encoding throughput at the paper's size on a GPU.
 
-torch and transformers are imported where frames are encoded, not at module import: decode tasks import
-this module for the crop alone and should not pay seconds and hundreds of MB for torch.
+torch is imported where frames are encoded, not at module import: decode tasks and the driver import this
+module for the preprocessing alone and should not pay seconds and hundreds of MB for torch; transformers
+is imported only to build the built-in encoders.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import numpy as np
 from PIL import Image
 
 from timerefine.cache import cached_build, timerefine_home
+from timerefine.hub import read_json
 
 if TYPE_CHECKING:
     import torch
@@ -69,7 +73,7 @@ RANDOM_ENCODERS = {
     },
 }
 
-_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+_WEIGHT_SUFFIX = ".safetensors"  # pickled .bin weights are never loaded
 
 
 @dataclass(frozen=True)
@@ -137,10 +141,10 @@ def _build_random_encoder(name: str, directory: Path) -> None:
 
 
 def _check_encoder(directory: Path) -> None:
-    """What ``ClipImageEncoder`` reads first, read back (the weights' headers are checked by the cache)."""
-    from transformers import CLIPVisionConfig
+    """Load what was built back the way ``ClipImageEncoder`` loads it."""
+    from timerefine.clip import ClipVisionTower
 
-    CLIPVisionConfig.from_pretrained(directory)
+    ClipVisionTower.from_pretrained(directory)
     ClipPreprocessing.from_pretrained(directory)
 
 
@@ -155,10 +159,8 @@ class ClipPreprocessing:
 
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike, revision: str | None = None) -> ClipPreprocessing:
-        """Read ``preprocessor_config.json`` from a local directory or a hub id."""
-        from transformers.image_processing_base import ImageProcessingMixin
-
-        config, _ = ImageProcessingMixin.get_image_processor_dict(str(source), revision=revision)
+        """Read ``preprocessor_config.json`` from a local directory or a hub id (torch is not imported)."""
+        config, source = read_json(source, "preprocessor_config.json", revision)
         # Older configs (openai/clip-vit-large-patch14's among them) store plain ints for both sizes.
         size, crop = config.get("size"), config.get("crop_size")
         resize_short = size if isinstance(size, int) else (size or {}).get("shortest_edge")
@@ -238,7 +240,8 @@ class ClipImageEncoder:
         threads: int | None = None,
     ) -> None:
         import torch
-        from transformers import CLIPVisionModelWithProjection
+
+        from timerefine.clip import ClipVisionTower
 
         ref = encoder if isinstance(encoder, EncoderRef) else resolve_encoder(encoder)
         source, revision = ref.pretrained_source()
@@ -250,9 +253,9 @@ class ClipImageEncoder:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.preprocessing = ClipPreprocessing.from_pretrained(source, revision=revision)
-        model = CLIPVisionModelWithProjection.from_pretrained(source, revision=revision or "main")
+        model = ClipVisionTower.from_pretrained(source, revision=revision)
         self.model = model.to(self.device, self.dtype).eval()
-        self.dim = int(self.model.config.projection_dim)
+        self.dim = model.config.projection_dim
 
     @property
     def identity(self) -> str:
@@ -272,7 +275,7 @@ class ClipImageEncoder:
             for start in range(0, len(frames), batch_size):
                 pixels = self.preprocessing.normalize(frames[start : start + batch_size])
                 pixels = pixels.to(self.device, self.dtype, non_blocking=True)
-                embeds = self.model(pixel_values=pixels).image_embeds
+                embeds = self.model(pixels)
                 features[start : start + len(pixels)] = embeds.to(torch.float16).cpu().numpy()
         return features
 
@@ -287,11 +290,12 @@ def _directory_revision(path: Path) -> str:
     files = sorted(
         file
         for file in path.iterdir()
-        if file.is_file() and (file.name.endswith(_WEIGHT_SUFFIXES) or file.name.endswith("config.json"))
+        if file.is_file() and (file.name.endswith(_WEIGHT_SUFFIX) or file.name.endswith("config.json"))
     )
-    if not any(file.name.endswith(_WEIGHT_SUFFIXES) for file in files):
+    if not any(file.name.endswith(_WEIGHT_SUFFIX) for file in files):
         raise FileNotFoundError(
-            f"{path}: no model weights (*.safetensors or *.bin); save one with save_pretrained"
+            f"{path}: no model weights (*.safetensors; pickled .bin files are not loaded); save the model "
+            "with save_pretrained, whose default is safetensors"
         )
     digest = hashlib.sha256()
     for file in files:

@@ -87,8 +87,10 @@ def test_the_table_holds_the_priors_and_both_models_as_scored_from_the_files(dem
     assert table_row(finished.stdout, "prior: random") == printed(
         score_prior(fit_prior("random", train), test)
     )
+    sample, _ = read_annotations(workdir / "eval" / "train_sample.jsonl")  # train scored on as many as test
+    assert len(sample) == len(test) and {q.qid for q in sample} <= {q.qid for q in train}
     for name, label in (("direct", "direct (K=1)"), ("timerefine", "TimeRefine (K=2, L1 1)")):
-        for split, folder, queries in (("test", "", test), ("train", "train", train)):
+        for split, folder, queries in (("test", "", test), ("train", "train", sample)):
             predictions = read_predictions(workdir / "eval" / name / folder / "predictions.jsonl")
             rescored = score(predictions, queries)
             assert json.loads((workdir / "eval" / name / folder / "metrics.json").read_text()) == rescored
