@@ -111,3 +111,17 @@ def test_impossible_requests_are_refused_even_when_explicit(plan, size_flag, gpu
         plan(EMPTY_AUTOSCALING_CLUSTER, 0, 1)
     with pytest.raises(ValueError, match=f"{gpus_flag} must be >= 0, got -1"):
         plan(EMPTY_AUTOSCALING_CLUSTER, 2, -1)
+
+
+def test_decode_tasks_take_several_videos_but_blocks_stay_bounded():
+    from pipelines.compute import DECODE_BLOCK_BYTES, DECODE_VIDEOS_PER_TASK
+    from timerefine.decoder import DecodeSettings
+
+    compute = plan_extraction(ClusterResources(cpus=16, gpus=1))
+    small, vit_l = DecodeSettings(crop_size=128, resize_short=128), DecodeSettings(crop_size=224)
+    huge = DecodeSettings(num_frames=2000, crop_size=448, resize_short=448)  # one video is over the budget
+
+    assert compute.videos_per_decode_task(small.frame_bytes) == DECODE_VIDEOS_PER_TASK == 8
+    assert compute.videos_per_decode_task(vit_l.frame_bytes) == 4  # 15 MB a video at 224 px
+    assert 4 * vit_l.frame_bytes <= DECODE_BLOCK_BYTES
+    assert compute.videos_per_decode_task(huge.frame_bytes) == 1
