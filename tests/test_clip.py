@@ -26,10 +26,11 @@ SMALL = {
 }
 
 
-def saved_vision_model(directory: Path, **overrides) -> CLIPVisionModelWithProjection:
+def saved_vision_model(directory: Path, sharded: bool = False, **overrides) -> CLIPVisionModelWithProjection:
+    """A small random CLIP vision model that transformers built and saved (in 20 KB shards if ``sharded``)."""
     torch.manual_seed(0)
     model = CLIPVisionModelWithProjection(CLIPVisionConfig(**(SMALL | overrides))).eval()
-    model.save_pretrained(directory, **({"max_shard_size": "20KB"} if "shards" in directory.name else {}))
+    model.save_pretrained(directory, **({"max_shard_size": "20KB"} if sharded else {}))
     return model
 
 
@@ -53,7 +54,7 @@ def test_a_saved_vision_model_gives_transformers_embeddings(tmp_path, hidden_act
 
 
 def test_a_sharded_checkpoint_loads_from_its_index(tmp_path):
-    reference = saved_vision_model(tmp_path / "clip-shards")
+    reference = saved_vision_model(tmp_path / "clip-shards", sharded=True)
     assert (tmp_path / "clip-shards" / "model.safetensors.index.json").is_file()
     assert len(list((tmp_path / "clip-shards").glob("model-*.safetensors"))) > 1
 
