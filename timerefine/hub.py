@@ -50,12 +50,13 @@ def weight_files(source: str | os.PathLike, revision: str | None = None) -> list
     single = model_file(source, WEIGHTS_FILE, revision)
     if single is not None:
         return [single]
-    if model_file(source, WEIGHTS_INDEX_FILE, revision) is None:
+    try:
+        index, index_path = read_json(source, WEIGHTS_INDEX_FILE, revision)
+    except FileNotFoundError:
         raise FileNotFoundError(
             f"{source}: no {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE}; save the model with save_pretrained "
             "(safetensors is its default); pickled .bin weights are not loaded"
-        )
-    index, index_path = read_json(source, WEIGHTS_INDEX_FILE, revision)
+        ) from None
     shards = sorted(set(index.get("weight_map", {}).values()))
     paths = []
     for shard in shards:
