@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from processes import ProcessTree
+from processes import ProcessTree, run_reaped
 
 from timerefine.data.synthetic import SynthConfig, generate_benchmark
 
@@ -167,3 +167,39 @@ def test_sigterm_stops_the_demo_while_both_models_train(tmp_path: Path) -> None:
             time.sleep(0.5)
         stderr = terminate_within_the_limit(job)
     assert "[demo] interrupted: " in stderr and "rerun the same command to resume" in stderr, stderr[-3000:]
+
+
+WORKER_ENV_SCRIPT = """
+import json, os, ray
+from pipelines.compute import ray_connection
+from pipelines.jobs import QUIET_ENV, ClusterOptions
+names = ["RAY_ADDRESS", *QUIET_ENV]
+with ray_connection(ClusterOptions(), num_cpus=1):
+    worker = ray.get(ray.remote(num_cpus=0)(lambda: {name: os.environ.get(name) for name in names}).remote())
+    inside = os.environ.get("RAY_ADDRESS")
+print(json.dumps({"worker": worker, "driver_inside": inside, "driver_after": os.environ.get("RAY_ADDRESS")}))
+"""
+
+
+def test_a_local_rays_workers_inherit_the_job_env_and_the_driver_keeps_none_of_it() -> None:
+    # The variables reach the workers through the environment Ray's processes start with (no runtime
+    # environment, so the idle workers Ray starts with the node serve the job); the driver's own
+    # environment is as it was, so a later job in the same process does not connect to a stopped Ray.
+    import json
+
+    from pipelines.jobs import QUIET_ENV
+
+    ray_tmp = tempfile.mkdtemp(prefix="tr-ray-")
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"} | {"RAY_TMPDIR": ray_tmp}
+    for name in QUIET_ENV:
+        env.pop(name, None)
+    try:
+        repo = Path(__file__).resolve().parents[2]
+        result = run_reaped([sys.executable, "-c", WORKER_ENV_SCRIPT], 180, env=env, cwd=repo)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen["worker"]["RAY_ADDRESS"].startswith("127.0.0.1:")
+    assert {name: seen["worker"][name] for name in QUIET_ENV} == QUIET_ENV
+    assert seen["driver_inside"] is None and seen["driver_after"] is None
