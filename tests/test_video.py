@@ -293,6 +293,33 @@ def test_written_video_reads_back_frame_for_frame(tmp_path, frame_index_code):
     assert np.abs(sampled.frames.astype(np.int16) - frames).mean() < 3.0
 
 
+def test_the_same_frames_always_make_the_same_file(tmp_path):
+    """A seed's benchmark is the same files every time. Video 66 of the 400-video benchmark (160 x 120,
+    a height x264 pads to 128) came out as 3 different files in 6 encodes on an AVX-512 CPU before x264 was
+    held to its AVX2 kernels there; on other CPUs this checks that nothing else varies."""
+    from timerefine.data.synthetic import SynthConfig, make_video_spec, render_video, video_id_for, video_rng
+
+    config = SynthConfig(videos=400, seed=0)
+    frames = render_video(make_video_spec(video_id_for(66), video_rng(0, 66), config), config)
+    contents = set()
+    for attempt in range(6):
+        path = tmp_path / f"attempt{attempt}.mp4"
+        write_video(path, frames, config.fps)
+        contents.add(path.read_bytes())
+    assert len(contents) == 1
+
+
+def test_x264_is_held_to_avx2_kernels_exactly_where_the_cpu_has_avx512(monkeypatch):
+    assert video._cpu_has_avx512("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512dq\n")
+    assert not video._cpu_has_avx512("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma bmi2\n")
+    assert not video._cpu_has_avx512("model name\t: avx512f in a name\nflags\t\t: fpu sse2\n")
+    monkeypatch.setattr(video, "_cpu_has_avx512", lambda: True)
+    kernels = video.x264_options()["x264-params"]
+    assert kernels.startswith("asm=") and "AVX2" in kernels and "AVX512" not in kernels
+    monkeypatch.setattr(video, "_cpu_has_avx512", lambda: False)
+    assert video.x264_options() == {"crf": "23", "preset": "veryfast"}
+
+
 @pytest.mark.parametrize(
     ("frames", "fps", "complaint"),
     [

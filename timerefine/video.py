@@ -47,6 +47,12 @@ VideoSource = str | os.PathLike | bytes
 # here exercise frame reordering like real video. Callers write many files in parallel processes, and at
 # these sizes x264's own threads made encoding no faster (measured), so each file uses one thread.
 _X264_OPTIONS = {"crf": "23", "preset": "veryfast"}
+# x264's AVX-512 kernels read memory they never wrote when the frame height is not a multiple of 16 (the
+# synthetic benchmark's 160 x 120): on an AVX-512 CPU, encoding the same frames 6 times in one process gave
+# more than one file for 3 of 10 videos (pixels off by up to 3 on 44 of a video's frames), so one seed gave
+# different benchmarks and, through training's sensitivity to its data, test mIoU several points apart.
+# With the kernels held to AVX2: 0 of 10, and no slower. Every AVX-512 CPU has each of these extensions.
+_X264_KERNELS_WITHOUT_AVX512 = "asm=MMX2,SSE,SSE2,SSE3,SSSE3,SSE4,SSE4.2,LZCNT,AVX,FMA3,BMI1,BMI2,AVX2"
 
 
 class VideoDecodeError(RuntimeError):
@@ -177,7 +183,7 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float) -> None
         with av.open(str(partial), mode="w", format="mp4") as container:
             stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-            stream.codec_context.options = dict(_X264_OPTIONS)
+            stream.codec_context.options = x264_options()
             stream.codec_context.thread_count = 1
             for index, pixels in enumerate(frames):
                 frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="rgb24")
@@ -187,6 +193,24 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float) -> None
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def x264_options() -> dict[str, str]:
+    """The encoder options of ``write_video``: the same frames always make the same file on one machine."""
+    options = dict(_X264_OPTIONS)
+    if _cpu_has_avx512():
+        options["x264-params"] = _X264_KERNELS_WITHOUT_AVX512
+    return options
+
+
+def _cpu_has_avx512(cpuinfo: str | None = None) -> bool:
+    """Whether /proc/cpuinfo's (or the given text's) flags list AVX-512 Foundation."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:  # not Linux: x264's own choice of kernels
+            return False
+    return re.search(r"^flags\s*:.*\bavx512f\b", cpuinfo, re.MULTILINE) is not None
 
 
 # ---------------------------------------------------------------------------------------------------
