@@ -310,9 +310,9 @@ def test_the_same_frames_always_make_the_same_file(tmp_path):
 
 
 def test_x264_is_held_to_avx2_kernels_exactly_where_the_cpu_has_avx512(monkeypatch):
-    assert video._cpu_has_avx512("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512dq\n")
-    assert not video._cpu_has_avx512("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma bmi2\n")
-    assert not video._cpu_has_avx512("model name\t: avx512f in a name\nflags\t\t: fpu sse2\n")
+    assert video._flags_have_avx512("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512dq\n")
+    assert not video._flags_have_avx512("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma bmi2\n")
+    assert not video._flags_have_avx512("model name\t: avx512f in a name\nflags\t\t: fpu sse2\n")
     monkeypatch.setattr(video, "_cpu_has_avx512", lambda: True)
     kernels = video.x264_options()["x264-params"]
     assert kernels.startswith("asm=") and "AVX2" in kernels and "AVX512" not in kernels

@@ -20,6 +20,7 @@ decoder that crashes or hangs in native code; run untrusted files in a child pro
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -203,13 +204,17 @@ def x264_options() -> dict[str, str]:
     return options
 
 
-def _cpu_has_avx512(cpuinfo: str | None = None) -> bool:
-    """Whether /proc/cpuinfo's (or the given text's) flags list AVX-512 Foundation."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:  # not Linux: x264's own choice of kernels
-            return False
+@functools.cache
+def _cpu_has_avx512() -> bool:
+    """Read once a process: a benchmark writes hundreds of videos on the same CPU."""
+    try:
+        return _flags_have_avx512(Path("/proc/cpuinfo").read_text())
+    except OSError:  # not Linux: x264's own choice of kernels
+        return False
+
+
+def _flags_have_avx512(cpuinfo: str) -> bool:
+    """Whether a /proc/cpuinfo text's flags list AVX-512 Foundation."""
     return re.search(r"^flags\s*:.*\bavx512f\b", cpuinfo, re.MULTILINE) is not None
 
 
