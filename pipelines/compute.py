@@ -356,13 +356,19 @@ class InferenceCompute:
 
 
 def plan_inference(
-    resources: ClusterResources, actors: int | None = None, gpus_per_actor: float | None = None
+    resources: ClusterResources,
+    actors: int | None = None,
+    gpus_per_actor: float | None = None,
+    cpus_per_actor: float | None = None,
 ) -> InferenceCompute:
     """Choose the predictors' compute: one a GPU on GPU clusters; on CPUs one single-threaded actor a core,
     reserving half a logical CPU each, as the extraction's encoders do, so the other tasks still run.
 
     Given both ``actors`` and ``gpus_per_actor``, the plan is exactly that even where the cluster has less
-    up now (see the module docstring)."""
+    up now (see the module docstring). ``cpus_per_actor`` replaces the CPU share, for evaluations that
+    run beside other jobs on one machine (the demo scores one model while the other trains)."""
+    if cpus_per_actor is not None and cpus_per_actor <= 0:
+        raise ValueError(f"--cpus-per-actor must be > 0, got {cpus_per_actor:g}")
     pool = _plan_actor_pool(
         resources,
         actors,
@@ -373,7 +379,8 @@ def plan_inference(
         gpus_flag="--gpus-per-actor",
     )
     threads = None if pool.gpus_each else 1
-    return InferenceCompute(pool.size, pool.cpus_each, pool.gpus_each, threads, pool.shortfall)
+    cpus = pool.cpus_each if cpus_per_actor is None else cpus_per_actor
+    return InferenceCompute(pool.size, cpus, pool.gpus_each, threads, pool.shortfall)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -74,7 +74,9 @@ class EvaluateConfig:
     free_decoding: bool = False  # decode without the answer grammar (the paper's): answers may not parse
     actors: int | None = None  # predictor actors (default: one per GPU, or per CPU)
     gpus_per_actor: float | None = None  # 0 forces CPU predictors
+    cpus_per_actor: float | None = None  # CPUs a predictor reserves (default: half a logical CPU, at most 1)
     compat: str | None = None  # "vtimellm": round each IoU to two decimals first
+    name: str | None = None  # labels the console lines, [evaluate NAME], of jobs run side by side
     cluster: jobs.ClusterOptions = field(default_factory=jobs.ClusterOptions)
 
     def __post_init__(self) -> None:
@@ -82,6 +84,8 @@ class EvaluateConfig:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.draft_tokens < 0:
             raise ValueError(f"--draft-tokens must be >= 0, got {self.draft_tokens}")
+        if self.cpus_per_actor is not None and self.cpus_per_actor <= 0:
+            raise ValueError(f"--cpus-per-actor must be > 0, got {self.cpus_per_actor:g}")
 
 
 @dataclass
@@ -113,7 +117,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--actors", type=int, help="predictor actors (default: one per GPU or CPU)")
     parser.add_argument("--gpus-per-actor", type=float, help="0 forces CPU predictors")
+    parser.add_argument(
+        "--cpus-per-actor", type=float, help="CPUs each predictor reserves (default: half a CPU, at most 1)"
+    )
     parser.add_argument("--compat", choices=["vtimellm"], help="round each IoU to two decimals, as VTimeLLM")
+    parser.add_argument("--name", help="label of its console lines, [evaluate NAME], beside other jobs")
     jobs.add_cluster_arguments(parser)
 
 
@@ -131,7 +139,9 @@ def config_from_args(args: argparse.Namespace) -> EvaluateConfig:
         free_decoding=args.free_decoding,
         actors=args.actors,
         gpus_per_actor=args.gpus_per_actor,
+        cpus_per_actor=args.cpus_per_actor,
         compat=args.compat,
+        name=args.name,
         cluster=cluster,
     )
 
@@ -143,11 +153,12 @@ def run(config: EvaluateConfig) -> EvaluateResult:
     from timerefine.metrics import format_table, parse_predictions, score
     from timerefine.reporting import metric_rows
 
+    say = jobs.console(NAME, config.name)
     # Every input is checked before Ray starts, and before torch is imported (timerefine.training).
     storage = config.cluster.storage()
     check_checkpoint(config.checkpoint, storage)
     queries, read = read_annotations(config.annotations, durations=config.durations, storage=storage)
-    print(f"[evaluate] {read.describe()}", flush=True)
+    say(read.describe())
     ok, _ = ok_video_ids(config.features, storage)
     jobs.check_output_folder(config.output, storage)
 
@@ -159,13 +170,16 @@ def run(config: EvaluateConfig) -> EvaluateResult:
             f"none of the {len(queries)} queries of {config.annotations} is on a video with features in "
             f"{config.features}: nothing to evaluate"
         )
-    print(f"[evaluate] {join.describe()}" + (" (scored as misses)" if join.skipped else ""), flush=True)
+    say(join.describe() + (" (scored as misses)" if join.skipped else ""))
     try:
         with ray_connection(config.cluster):
             compute = plan_inference(
-                ClusterResources.of_running_cluster(), config.actors, config.gpus_per_actor
+                ClusterResources.of_running_cluster(),
+                config.actors,
+                config.gpus_per_actor,
+                config.cpus_per_actor,
             )
-            print(f"[evaluate] {compute.describe()}", flush=True)
+            say(compute.describe())
             records = predict(joined, config, storage, compute)
     except Exception as error:
         logger.exception("evaluation failed")
@@ -177,15 +191,15 @@ def run(config: EvaluateConfig) -> EvaluateResult:
     predictions = parse_predictions(enumerate(records, start=1), predictions_uri)
     metrics = score(predictions, queries, compat=config.compat)
     storage.write_bytes(metrics_uri, (json.dumps(metrics, indent=2) + "\n").encode())
-    print(format_table(metric_rows(metrics)))
+    say(f"scores on {config.annotations}:\n" + format_table(metric_rows(metrics)))
     if "off_grammar" in metrics:
-        print(
-            f"[evaluate] answers kept inside the answer grammar against the model's own choice: "
+        say(
+            f"answers kept inside the answer grammar against the model's own choice: "
             f"{metrics['off_grammar']} of {len(records)} (free decoding could fail to parse these)"
         )
     else:
-        print(f"[evaluate] answers that did not parse: {metrics['unparsed']} of {len(records)}")
-    print(f"[evaluate] wrote {predictions_uri} and {metrics_uri}")
+        say(f"answers that did not parse: {metrics['unparsed']} of {len(records)}")
+    say(f"wrote {predictions_uri} and {metrics_uri}")
     return EvaluateResult(predictions_uri, metrics_uri, metrics)
 
 

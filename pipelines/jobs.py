@@ -33,6 +33,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -180,6 +181,18 @@ def _progress(job: ModuleType, config: Any) -> str:
         return progress(config)
     except (Exception, KeyboardInterrupt) as error:  # a second Ctrl-C, or storage out of reach
         return f"what it had written stays (could not tell what: {describe(error)}); {RESUME}"
+
+
+def console(job: str, label: str | None = None) -> Callable[[str], None]:
+    """A job's console: ``say(text)`` writes ``[job label] text`` in one write, so the lines (and tables) of
+    jobs run side by side in one process, as the demo runs them, stay whole and say whose they are."""
+    tag = f"[{job} {label}]" if label else f"[{job}]"
+
+    def say(text: str) -> None:
+        sys.stdout.write(f"{tag} {text}\n")
+        sys.stdout.flush()
+
+    return say
 
 
 def quiet_console(verbose: bool = False) -> None:

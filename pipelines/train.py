@@ -28,7 +28,7 @@ import logging
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,16 +182,17 @@ def run(config: TrainJobConfig) -> TrainResult:
     storage = config.cluster.storage()
     if config.resources.local_mode and is_s3_uri(config.output):
         raise jobs.JobError("--workers 0 (in-process) writes checkpoints to a local --output only")
-    _check_inputs(config.train, storage)
+    say = jobs.console(NAME, config.name)
+    _check_inputs(config.train, storage, say)
     jobs.check_output_folder(config.output, storage)
-    _announce_resume(config, storage)
+    _announce_resume(config, storage, say)
     try:
         with ray_connection(config.cluster, enabled=not config.resources.local_mode):
             result = fit(config, storage)
     except Exception as error:  # a failed run: its checkpoints stay, a rerun resumes
         logger.exception("training failed")
         raise jobs.JobError(f"training failed ({error}); rerun with the same --name to resume") from error
-    _print_summary(result)
+    _print_summary(result, say)
     return result
 
 
@@ -306,20 +307,23 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
 
     config = TrainConfig.from_dict(loop_config["config"])
     context = ray.train.get_context()
+    say = jobs.console(NAME, loop_config["name"])
     hooks = TrainHooks(
         rank=context.get_world_rank(),
         world_size=context.get_world_size(),
         device=ray.train.torch.get_device(),
         prepare_model=ray.train.torch.prepare_model,
-        resume_from=lambda: _newest_complete_checkpoint(loop_config["run"], loop_config["storage"]),
+        resume_from=lambda: _newest_complete_checkpoint(loop_config["run"], loop_config["storage"], say),
         report=_ray_report(context.get_world_rank(), loop_config["local_checkpoints"]),
-        log=lambda line: print(f"[train {loop_config['name']}] {line}", flush=True),
+        log=say,
     )
     return train(config, load_training_data(config, loop_config["storage"]), hooks)
 
 
 @contextmanager
-def _newest_complete_checkpoint(run_uri: str | None, storage: Storage) -> Iterator[Path | None]:
+def _newest_complete_checkpoint(
+    run_uri: str | None, storage: Storage, say: Callable[[str], None]
+) -> Iterator[Path | None]:
     """The newest complete checkpoint in the run folder (after a restart or a resumed run), as a local
     directory; None to start afresh (and always in local mode, which does not resume).
 
@@ -340,9 +344,9 @@ def _newest_complete_checkpoint(run_uri: str | None, storage: Storage) -> Iterat
             if problem is None:
                 yield directory
                 return
-        print(f"[train] refusing checkpoint {uri}: {problem}; trying the one before", flush=True)
+        say(f"refusing checkpoint {uri}: {problem}; trying the one before")
     if names:
-        print(f"[train] no complete checkpoint in {run_uri}: starting from the first epoch", flush=True)
+        say(f"no complete checkpoint in {run_uri}: starting from the first epoch")
     yield None
 
 
@@ -408,28 +412,28 @@ def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if isinstance(v, int | float | str) and not k.startswith("_")}
 
 
-def _check_inputs(config: TrainConfig, storage: Storage) -> None:
+def _check_inputs(config: TrainConfig, storage: Storage, say: Callable[[str], None]) -> None:
     """Check the inputs in the driver, before any worker starts, and say which queries are skipped."""
     from timerefine.data.annotations import read_annotations
     from timerefine.features import ok_video_ids
     from timerefine.training import join_queries
 
     ok, total = ok_video_ids(config.features, storage)
-    print(f"[train] {config.features}: {len(ok)} of {total} videos have features", flush=True)
+    say(f"{config.features}: {len(ok)} of {total} videos have features")
     for split, path in (("train", config.train), ("val", config.val)):
         if path:
             queries, read = read_annotations(path, durations=config.durations, storage=storage)
-            print(f"[train] {read.describe()}", flush=True)
-            print(f"[train] {join_queries(queries, ok, split)[1].describe()}", flush=True)
+            say(read.describe())
+            say(join_queries(queries, ok, split)[1].describe())
 
 
-def _announce_resume(config: TrainJobConfig, storage: Storage) -> None:
+def _announce_resume(config: TrainJobConfig, storage: Storage, say: Callable[[str], None]) -> None:
     """Say whether this invocation continues an earlier run (Ray Train resumes any run with this name)."""
     latest = _latest_epoch(config, storage)
     if latest is not None:
-        print(f"[train] resuming {config.run_uri} after epoch {latest}", flush=True)
+        say(f"resuming {config.run_uri} after epoch {latest}")
     elif config.resume:
-        print(f"[train] --resume: no checkpoint under {config.run_uri}; starting fresh", flush=True)
+        say(f"--resume: no checkpoint under {config.run_uri}; starting fresh")
 
 
 def _latest_epoch(config: TrainJobConfig, storage: Storage) -> int | None:
@@ -445,16 +449,16 @@ def _latest_epoch(config: TrainJobConfig, storage: Storage) -> int | None:
     return None
 
 
-def _print_summary(summary: TrainResult) -> None:
+def _print_summary(summary: TrainResult, say: Callable[[str], None]) -> None:
     from timerefine.loop import format_metrics
 
     # Each epoch's line was printed as it finished; the summary names the one chosen.
     chosen = summary.chosen()
     if chosen:
-        print(f"[train] chosen ({summary.selection}): " + format_metrics(chosen))
+        say(f"chosen ({summary.selection}): " + format_metrics(chosen))
     trained = ", ".join(map(str, summary.this_attempt)) or "none (the run was already complete)"
-    print(f"[train] epochs trained now: {trained}")
-    print(f"[train] final checkpoint ({summary.selection}): {summary.final_checkpoint}")
+    say(f"epochs trained now: {trained}")
+    say(f"final checkpoint ({summary.selection}): {summary.final_checkpoint}")
 
 
 if __name__ == "__main__":

@@ -81,6 +81,16 @@ def test_predictors_on_a_cpu_machine_use_every_core_with_half_a_cpu_each():
     assert plan.describe() == "2 predictor actor(s) on CPU (0.5 CPU each, 1 thread(s))"
 
 
+def test_predictors_beside_other_jobs_reserve_the_cpus_they_are_given():
+    # the demo's four evaluation jobs on 2 CPUs (one model scored while the other trains): half a CPU each
+    plan = plan_inference(ClusterResources(cpus=2, gpus=0), actors=1, cpus_per_actor=0.5)
+
+    assert (plan.actors, plan.num_cpus, plan.threads) == (1, 0.5, 1)
+    assert plan_inference(ClusterResources(cpus=2, gpus=0), actors=1).num_cpus == 1.0  # the default rule
+    with pytest.raises(ValueError, match="--cpus-per-actor must be > 0, got 0"):
+        plan_inference(ClusterResources(cpus=2, gpus=0), cpus_per_actor=0)
+
+
 def test_predictors_on_gpus_one_a_gpu_share_unless_forced_onto_cpus():
     cluster = ClusterResources(cpus=16, gpus=4)
 

@@ -56,15 +56,22 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, subpr
 @pytest.mark.slow
 def test_the_demo_prints_every_stage_and_ends_saying_where_everything_is(demo):
     workdir, finished = demo
-    stages = [line for line in finished.stdout.splitlines() if line.startswith("[demo] ") and "/6 " in line]
-    assert [line.split("/6 ")[1] for line in stages] == [
+    lines = finished.stdout.splitlines()
+    stages = [line for line in lines if line.startswith("[demo] ") and "/4 " in line]
+    assert [line.split("/4 ")[1] for line in stages] == [
         "synthesise the benchmark", "extract features", "fit the query-blind priors",
-        "train direct (K=1) and TimeRefine (K=2, L1 1) at once",
-        "evaluate direct (K=1)", "evaluate TimeRefine (K=2, L1 1)",
+        "train and evaluate direct (K=1) and TimeRefine (K=2, L1 1) at once",
     ]  # fmt: skip
     assert "[extract] 24/24 videos (24 ok, 0 failed)" in finished.stdout
-    for name in ("direct", "timerefine"):  # each training run's own progress reaches the console, once
-        assert sum(f"[train {name}] epoch 1 " in line for line in finished.stdout.splitlines()) == 1
+    for name, label in (("direct", "direct (K=1)"), ("timerefine", "TimeRefine (K=2, L1 1)")):
+        # each job's lines say whose they are, and each training run's progress reaches the console once
+        assert sum(line.startswith(f"[train {name}] epoch 1 ") for line in lines) == 1
+        assert sum(line.startswith(f"[train {name}] final checkpoint") for line in lines) == 1
+        for split in ("test", "train"):
+            assert sum(line.startswith(f"[evaluate {name} {split}] wrote ") for line in lines) == 1
+        done = [line for line in lines if line.startswith(f"[demo] {label}: trained in ")]
+        assert len(done) == 1 and ", evaluated in " in done[0]
+    assert not any(line.startswith(("[train] ", "[evaluate] ")) for line in lines)  # no unlabelled line
     last = finished.stdout.strip().splitlines()[-1]
     assert last.startswith("[demo] done") and last.endswith(f"are in {workdir}")
     noise = [

@@ -49,6 +49,7 @@ def test_evaluate_writes_predictions_and_the_metrics_of_that_file(
     [
         ("--batch-size", "0", "--batch-size must be >= 1"),
         ("--draft-tokens", "-1", "--draft-tokens must be >= 0"),
+        ("--cpus-per-actor", "0", "--cpus-per-actor must be > 0, got 0"),
     ],
 )
 def test_evaluate_refuses_bad_numbers_before_starting_anything(tmp_path, capsys, option, value, message):

@@ -17,7 +17,7 @@ import torch
 from processes import reaped
 
 from pipelines import jobs, train
-from timerefine.checkpoint import load_checkpoint
+from timerefine.checkpoint import load_checkpoint, training_checkpoint_problem
 from timerefine.data.storage import Storage
 
 REPO = Path(__file__).resolve().parents[2]
@@ -150,8 +150,10 @@ def test_a_killed_worker_costs_at_most_its_epoch_and_a_damaged_checkpoint_is_ref
     killed: list[int] = []
 
     def kill_a_worker_after_epoch_2() -> None:
+        # Wait until epoch 2's checkpoint is whole in the run folder: Ray Train copies its files there in
+        # no fixed order, so one file present (trainer_state.json, once) does not mean the rest are.
         deadline = time.monotonic() + 300
-        while not (run / "checkpoint_epoch_002" / "trainer_state.json").is_file():
+        while training_checkpoint_problem(run / "checkpoint_epoch_002") is not None:
             if time.monotonic() > deadline:
                 return
             time.sleep(0.05)
