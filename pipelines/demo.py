@@ -247,7 +247,7 @@ def _train_and_evaluate(
 
     Each model is evaluated as soon as it is trained: the direct model finishes first (its answers are
     shorter) and is scored while TimeRefine still trains, so no core waits for the other model; scoring
-    both after both (four jobs, one after the other) cost 50 s of a 15-minute demo. Returns each model's
+    both after both (four jobs, one after the other) cost 74 s of a 15-minute demo. Returns each model's
     metrics on ``test`` and ``train``."""
     from .evaluate import EvaluateConfig
     from .evaluate import run as evaluate

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 if not __package__:  # `python pipelines/train.py` (what ray job submit runs): run it inside its package
     import _script  # noqa: F401
 
-from timerefine.checkpoint import TRAINER_STATE_FILE
+from timerefine.checkpoint import TRAINING_CHECKPOINT_ENTRIES
 from timerefine.data.storage import Storage, is_s3_uri, join_uri
 from timerefine.training import GROUPS, TrainConfig
 
@@ -437,14 +437,17 @@ def _announce_resume(config: TrainJobConfig, storage: Storage, say: Callable[[st
 
 
 def _latest_epoch(config: TrainJobConfig, storage: Storage) -> int | None:
-    """The newest epoch with a checkpoint in the run folder (its workers check it is whole before using
-    it); None in local mode, which does not resume."""
+    """The newest epoch whose checkpoint has every entry in the run folder (its workers also check that
+    each file is whole before using it); None in local mode, which does not resume. Ray Train copies a
+    checkpoint's files in no fixed order, so one file present (trainer_state.json) is not enough: a run
+    killed mid-copy would be announced as resuming after an epoch its workers then refuse."""
     import pyarrow.fs as pafs
 
     if config.resources.local_mode:
         return None
     for name in reversed(epoch_checkpoints(config.run_uri, storage)):
-        if storage.file_type(join_uri(config.run_uri, name, TRAINER_STATE_FILE)) == pafs.FileType.File:
+        entries = (join_uri(config.run_uri, name, entry) for entry in TRAINING_CHECKPOINT_ENTRIES)
+        if all(storage.file_type(uri) != pafs.FileType.NotFound for uri in entries):
             return int(name.removeprefix(CHECKPOINT_PREFIX))
     return None
 

@@ -32,6 +32,8 @@ META_FILE = "timerefine.json"
 WEIGHTS_FILE = "weights.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"
+# What a checkpoint a run can resume from holds (the tokenizer is a folder).
+TRAINING_CHECKPOINT_ENTRIES = (META_FILE, WEIGHTS_FILE, "tokenizer", OPTIMIZER_FILE, TRAINER_STATE_FILE)
 
 
 @dataclass
@@ -184,7 +186,7 @@ def training_checkpoint_problem(directory: str | Path) -> str | None:
     from safetensors import SafetensorError, safe_open
 
     directory = Path(directory)
-    for name in (META_FILE, WEIGHTS_FILE, "tokenizer", OPTIMIZER_FILE, TRAINER_STATE_FILE):
+    for name in TRAINING_CHECKPOINT_ENTRIES:
         if not (directory / name).exists():
             return f"{name} is missing"
     tokenizer_files = sorted(path.relative_to(directory) for path in (directory / "tokenizer").glob("*.json"))

@@ -17,7 +17,11 @@ import torch
 from processes import reaped
 
 from pipelines import jobs, train
-from timerefine.checkpoint import load_checkpoint, training_checkpoint_problem
+from timerefine.checkpoint import (
+    TRAINING_CHECKPOINT_ENTRIES,
+    load_checkpoint,
+    training_checkpoint_problem,
+)
 from timerefine.data.storage import Storage
 
 REPO = Path(__file__).resolve().parents[2]
@@ -100,13 +104,19 @@ def test_killed_run_resumes_from_its_s3_checkpoints(tiny_benchmark, ray_cluster,
             time.sleep(0.5)
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
+    # The worker lives in the cluster, not under the killed driver: until Ray reaps it, it may still be
+    # copying a checkpoint into the run folder.
+    _wait_until_no_training_worker_runs(timeout_s=120)
     registered = _registered_epochs(Result, run_path, filesystem)
-    # What the run resumes from: the checkpoints in its folder (Ray Train registers them a poll later).
+    # What the run resumes from: the whole checkpoints in its folder (Ray Train registers them a poll later).
     run = f"{output}/timerefine"
     done = [
         int(name.removeprefix(train.CHECKPOINT_PREFIX))
         for name in train.epoch_checkpoints(run, storage)
-        if storage.file_type(f"{run}/{name}/trainer_state.json") == pyarrow.fs.FileType.File
+        if all(
+            storage.file_type(f"{run}/{name}/{entry}") != pyarrow.fs.FileType.NotFound
+            for entry in TRAINING_CHECKPOINT_ENTRIES
+        )
     ]
     assert registered and max(done) >= max(registered) and max(done) < 3
 
@@ -123,6 +133,24 @@ def test_killed_run_resumes_from_its_s3_checkpoints(tiny_benchmark, ray_cluster,
     assert [m["epoch"] for m in summary["epochs"]] == [1, 2, 3]
     assert summary["final_checkpoint"].startswith(f"{output}/timerefine/checkpoint_epoch_00")
     assert max(_registered_epochs(Result, run_path, filesystem)) == 3
+
+
+def _wait_until_no_training_worker_runs(timeout_s: float) -> None:
+    import psutil
+
+    deadline = time.monotonic() + timeout_s
+    while any("RayTrainWorker" in " ".join(_cmdline(p)) for p in psutil.process_iter()):
+        assert time.monotonic() < deadline, f"a Ray Train worker runs {timeout_s:g} s after its driver died"
+        time.sleep(0.2)
+
+
+def _cmdline(process) -> list[str]:
+    import psutil
+
+    try:
+        return process.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return []
 
 
 def _registered_epochs(result_class, run_path: str, filesystem) -> list[int]:
