@@ -161,7 +161,7 @@ def run(config: DemoConfig) -> DemoResult:
 
 
 class StageClock:
-    """Announces each stage as ``[demo] 3/6 ...`` and keeps its duration for the summary."""
+    """Announces each stage as ``[demo] 3/4 ...`` and keeps its duration for the summary."""
 
     TOTAL = 4
 

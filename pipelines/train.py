@@ -363,6 +363,23 @@ def epoch_checkpoints(run_uri: str, storage: Storage) -> list[str]:
     )
 
 
+def whole_epoch_checkpoints(run_uri: str, storage: Storage) -> list[int]:
+    """The epochs whose checkpoint folder holds every entry a resumed run needs, oldest first. Ray Train
+    copies a checkpoint's files in no fixed order, so one file present (trainer_state.json) is not
+    enough; on S3 an object exists only once uploaded whole. (Workers also check each file's contents
+    before resuming from one: ``_newest_complete_checkpoint``.)"""
+    import pyarrow.fs as pafs
+
+    return [
+        int(name.removeprefix(CHECKPOINT_PREFIX))
+        for name in epoch_checkpoints(run_uri, storage)
+        if all(
+            storage.file_type(join_uri(run_uri, name, entry)) != pafs.FileType.NotFound
+            for entry in TRAINING_CHECKPOINT_ENTRIES
+        )
+    ]
+
+
 def checkpointed_metrics(run_uri: str, storage: Storage) -> dict[int, dict[str, Any]]:
     """Each checkpointed epoch's metrics, as written beside its checkpoint (``metrics.json``)."""
     import pyarrow.fs as pafs
@@ -437,19 +454,11 @@ def _announce_resume(config: TrainJobConfig, storage: Storage, say: Callable[[st
 
 
 def _latest_epoch(config: TrainJobConfig, storage: Storage) -> int | None:
-    """The newest epoch whose checkpoint has every entry in the run folder (its workers also check that
-    each file is whole before using it); None in local mode, which does not resume. Ray Train copies a
-    checkpoint's files in no fixed order, so one file present (trainer_state.json) is not enough: a run
-    killed mid-copy would be announced as resuming after an epoch its workers then refuse."""
-    import pyarrow.fs as pafs
-
+    """The newest epoch with a whole checkpoint in the run folder; None in local mode, which does not
+    resume (or when there is none)."""
     if config.resources.local_mode:
         return None
-    for name in reversed(epoch_checkpoints(config.run_uri, storage)):
-        entries = (join_uri(config.run_uri, name, entry) for entry in TRAINING_CHECKPOINT_ENTRIES)
-        if all(storage.file_type(uri) != pafs.FileType.NotFound for uri in entries):
-            return int(name.removeprefix(CHECKPOINT_PREFIX))
-    return None
+    return max(whole_epoch_checkpoints(config.run_uri, storage), default=None)
 
 
 def _print_summary(summary: TrainResult, say: Callable[[str], None]) -> None:

@@ -11,17 +11,12 @@ import threading
 import time
 from pathlib import Path
 
-import pyarrow.fs
 import pytest
 import torch
 from processes import reaped
 
 from pipelines import jobs, train
-from timerefine.checkpoint import (
-    TRAINING_CHECKPOINT_ENTRIES,
-    load_checkpoint,
-    training_checkpoint_problem,
-)
+from timerefine.checkpoint import load_checkpoint, training_checkpoint_problem
 from timerefine.data.storage import Storage
 
 REPO = Path(__file__).resolve().parents[2]
@@ -110,14 +105,7 @@ def test_killed_run_resumes_from_its_s3_checkpoints(tiny_benchmark, ray_cluster,
     registered = _registered_epochs(Result, run_path, filesystem)
     # What the run resumes from: the whole checkpoints in its folder (Ray Train registers them a poll later).
     run = f"{output}/timerefine"
-    done = [
-        int(name.removeprefix(train.CHECKPOINT_PREFIX))
-        for name in train.epoch_checkpoints(run, storage)
-        if all(
-            storage.file_type(f"{run}/{name}/{entry}") != pyarrow.fs.FileType.NotFound
-            for entry in TRAINING_CHECKPOINT_ENTRIES
-        )
-    ]
+    done = train.whole_epoch_checkpoints(run, storage)
     assert registered and max(done) >= max(registered) and max(done) < 3
 
     second = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
