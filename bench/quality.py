@@ -17,7 +17,8 @@ Everything else is TrainConfig's defaults (the ones that measure best for the bu
 ``--set`` changes it for all three. Each model is scored after its last epoch (no selection on val) on the
 test split and on as many training queries, every answer mode (text, head, fused, frames) and after every
 refinement step; its validation and training-subset mIoU after every epoch are the learning curves.
-Results land in ``<workdir>/quality.json``.
+Results land in ``<workdir>/quality.json``, each model's last checkpoint in ``<workdir>/checkpoints/``
+(``bench/refinement_probe.py`` reads them).
 """
 
 from __future__ import annotations
@@ -93,7 +94,10 @@ def main() -> None:
     )
     with pool:
         jobs = {
-            name: pool.submit(train_and_score, asdict(config), str(data)) for name, config in configs.items()
+            name: pool.submit(
+                train_and_score, asdict(config), str(data), str(args.workdir / "checkpoints" / _slug(name))
+            )
+            for name, config in configs.items()
         }
         results = {name: job.result() for name, job in jobs.items()}
     results = {
@@ -136,10 +140,9 @@ def priors(data: Path) -> dict[str, dict[str, Any]]:
     return rows
 
 
-def train_and_score(config: dict[str, Any], data: str) -> dict[str, Any]:
-    """In a child process: train one model with the library's loop, then score it on test and train."""
-    import tempfile
-
+def train_and_score(config: dict[str, Any], data: str, checkpoint: str) -> dict[str, Any]:
+    """In a child process: train one model with the library's loop, keep its last epoch's checkpoint in
+    ``checkpoint`` (for bench/refinement_probe.py), then score it on test and train."""
     import torch
 
     from timerefine.checkpoint import load_checkpoint
@@ -151,16 +154,17 @@ def train_and_score(config: dict[str, Any], data: str) -> dict[str, Any]:
     torch.set_num_threads(1)
     config = TrainConfig.from_dict(config)
     dataset = load_training_data(config)
-    folder = Path(tempfile.mkdtemp(prefix="quality-"))
+    folder = Path(checkpoint)
+    shutil.rmtree(folder, ignore_errors=True)  # an earlier run's
 
     def keep_last(metrics, write_checkpoint) -> None:
         if metrics["epoch"] == config.epochs:
-            write_checkpoint(folder / "last")
+            write_checkpoint(folder)
 
     started = time.monotonic()
     history = train(config, dataset, TrainHooks(report=keep_last, log=lambda line: None))
     seconds = time.monotonic() - started
-    model = load_checkpoint(folder / "last")
+    model = load_checkpoint(folder)
     test = read_annotations(Path(data) / "test.jsonl")[0]
     train_queries = train_score_subset(dataset.train, len(test))  # as many as test, as the demo scores
     scores = {}
@@ -182,7 +186,6 @@ def train_and_score(config: dict[str, Any], data: str) -> dict[str, Any]:
                 for q, a in zip(chunk, answers, strict=True)
             ]  # fmt: skip
         scores[split] = score(predictions, queries)
-    shutil.rmtree(folder, ignore_errors=True)
     return {"history": history, "scores": scores, "train_seconds": seconds}
 
 
@@ -227,6 +230,11 @@ def _die_with_parent(parent: int) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
         if os.getppid() != parent:  # the benchmark ended before this line ran
             os._exit(1)
+
+
+def _slug(name: str) -> str:
+    """A model's name as a folder name: ``TimeRefine (K=4, L1 1)`` -> ``timerefine-k-4-l1-1``."""
+    return "-".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
 
 
 def _option(item: str) -> tuple[str, Any]:
