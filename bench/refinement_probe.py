@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from timerefine.batching import Sample
+from timerefine.metrics import temporal_iou
 from timerefine.model import TimeRefineModel
 from timerefine.timecodec import NUM_BINS, OFFSET, REFINE, SEG_START, parse_answer, time_to_bin
 
@@ -149,12 +150,6 @@ def probes(shift: int) -> list[Probe]:
     return rows
 
 
-def _iou(a: Bins, b: Bins) -> float:
-    inter = max(0, min(a[1], b[1]) - max(a[0], b[0]))
-    union = max(a[1], b[1]) - min(a[0], b[0])
-    return inter / union if union > 0 else float(a == b)
-
-
 def score_probe(probe: Probe, texts: Sequence[str], truths: Sequence[Bins]) -> dict:
     finals, per_step, left, forced = [], [], [], []
     for text, truth in zip(texts, truths, strict=True):
@@ -162,8 +157,8 @@ def score_probe(probe: Probe, texts: Sequence[str], truths: Sequence[Bins]) -> d
         if answer.final_bins is None:
             finals.append(0.0)  # a miss, counted
             continue
-        finals.append(_iou(answer.final_bins, truth))
-        per_step.append([_iou(step.refined, truth) for step in answer.steps])
+        finals.append(temporal_iou(answer.final_bins, truth))
+        per_step.append([temporal_iou(step.refined, truth) for step in answer.steps])
         if probe.error is not None:
             left.append(probe.error(answer.final_bins, truth))
             forced.append(probe.error(probe.forced(truth), truth))
