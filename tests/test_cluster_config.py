@@ -58,3 +58,18 @@ def test_node_types_cover_decode_and_gpus(config):
     assert all(
         0 <= t.get("min_workers", 0) <= t.get("max_workers", 0) for n, t in types.items() if n != "head"
     )
+
+
+def test_every_node_keeps_its_idle_workers_as_a_local_job_does(config):
+    # The same setting pipelines/compute.py gives a local Ray: without it each node restarts workers
+    # between decode and write tasks.
+    from pipelines.compute import IDLE_WORKERS_PER_CPU
+
+    starts = [
+        cmd
+        for key in ("head_start_ray_commands", "worker_start_ray_commands")
+        for cmd in config[key]
+        if "ray start" in cmd
+    ]
+    assert len(starts) == 2
+    assert all(f"RAY_num_workers_soft_limit=$(({IDLE_WORKERS_PER_CPU} * $(nproc)))" in cmd for cmd in starts)

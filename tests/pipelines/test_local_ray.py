@@ -207,3 +207,43 @@ def test_a_local_rays_workers_inherit_the_job_env_and_the_driver_keeps_none_of_i
     assert seen["worker"]["RAY_ADDRESS"].startswith("127.0.0.1:")
     assert {name: seen["worker"][name] for name in QUIET_ENV} == QUIET_ENV
     assert seen["driver_inside"] is None and seen["driver_after"] is None
+
+
+WORKER_REUSE_SCRIPT = """
+import json, os, time
+import ray
+from pipelines.compute import ray_connection
+from pipelines.jobs import ClusterOptions
+
+@ray.remote(num_cpus=0.5)
+def pid_after(seconds):
+    time.sleep(seconds)
+    return os.getpid()
+
+with ray_connection(ClusterOptions(), num_cpus=2):
+    waves = []
+    for wave in range(2):
+        waves.append(sorted(set(ray.get([pid_after.remote(0.5) for _ in range(4)]))))
+        time.sleep(2.5)  # idle past Ray's 1 s before it stops workers above its limit
+print(json.dumps(waves))
+"""
+
+
+def test_a_local_rays_workers_outlive_a_pause_between_tasks() -> None:
+    # Four half-CPU tasks on 2 CPUs run in four workers. With Ray's default limit (one idle worker a CPU)
+    # two of them were stopped during the pause and the second wave ran two at a time in the two left
+    # (measured: pids [a, b, c, d] then [a, c]). Every wave must run in the same four workers.
+    import json
+
+    ray_tmp = tempfile.mkdtemp(prefix="tr-ray-")
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"} | {"RAY_TMPDIR": ray_tmp}
+    env.pop("RAY_num_workers_soft_limit", None)
+    try:
+        repo = Path(__file__).resolve().parents[2]
+        result = run_reaped([sys.executable, "-c", WORKER_REUSE_SCRIPT], 180, env=env, cwd=repo)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    first, second = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(first) == 4
+    assert second == first
