@@ -134,8 +134,7 @@ def _init_local_ray(env_vars: dict[str, str], num_cpus: int | None) -> str | Non
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)
-    idle_workers = idle_worker_env(num_cpus or usable_cpus())
-    env_vars = {**env_vars, **idle_workers, "RAY_ADDRESS": f"127.0.0.1:{port}"}
+    env_vars = {**env_vars, **idle_worker_env(num_cpus or usable_cpus()), "RAY_ADDRESS": f"127.0.0.1:{port}"}
     saved = {name: os.environ.get(name) for name in env_vars}
     os.environ.update(env_vars)
     try:

@@ -15,7 +15,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -173,6 +175,24 @@ def test_sigterm_stops_the_demo_while_both_models_train(tmp_path: Path) -> None:
     assert "[demo] interrupted: " in stderr and "rerun the same command to resume" in stderr, stderr[-3000:]
 
 
+def _last_json_line_of(script: str, unset: Iterable[str] = ()) -> Any:
+    """Run ``script`` in a fresh Python that starts its own local Ray (no RAY_ADDRESS, its own Ray temp
+    folder, the variables ``unset`` removed); the JSON its last stdout line prints."""
+    import json
+
+    ray_tmp = tempfile.mkdtemp(prefix="tr-ray-")
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"} | {"RAY_TMPDIR": ray_tmp}
+    for name in unset:
+        env.pop(name, None)
+    try:
+        repo = Path(__file__).resolve().parents[2]
+        result = run_reaped([sys.executable, "-c", script], 180, env=env, cwd=repo)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 WORKER_ENV_SCRIPT = """
 import json, os, ray
 from pipelines.compute import ray_connection
@@ -189,21 +209,9 @@ def test_a_local_rays_workers_inherit_the_job_env_and_the_driver_keeps_none_of_i
     # The variables reach the workers through the environment Ray's processes start with (no runtime
     # environment, so the idle workers Ray starts with the node serve the job); the driver's own
     # environment is as it was, so a later job in the same process does not connect to a stopped Ray.
-    import json
-
     from pipelines.jobs import QUIET_ENV
 
-    ray_tmp = tempfile.mkdtemp(prefix="tr-ray-")
-    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"} | {"RAY_TMPDIR": ray_tmp}
-    for name in QUIET_ENV:
-        env.pop(name, None)
-    try:
-        repo = Path(__file__).resolve().parents[2]
-        result = run_reaped([sys.executable, "-c", WORKER_ENV_SCRIPT], 180, env=env, cwd=repo)
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert result.returncode == 0, result.stderr[-2000:]
-    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    seen = _last_json_line_of(WORKER_ENV_SCRIPT, unset=QUIET_ENV)
     assert seen["worker"]["RAY_ADDRESS"].startswith("127.0.0.1:")
     assert {name: seen["worker"][name] for name in QUIET_ENV} == QUIET_ENV
     assert seen["driver_inside"] is None and seen["driver_after"] is None
@@ -222,7 +230,7 @@ def pid_after(seconds):
 
 with ray_connection(ClusterOptions(), num_cpus=2):
     waves = []
-    for wave in range(2):
+    for _ in range(2):
         waves.append(sorted(set(ray.get([pid_after.remote(0.5) for _ in range(4)]))))
         time.sleep(2.5)  # idle past Ray's 1 s before it stops workers above its limit
 print(json.dumps(waves))
@@ -233,17 +241,6 @@ def test_a_local_rays_workers_outlive_a_pause_between_tasks() -> None:
     # Four half-CPU tasks on 2 CPUs run in four workers. With Ray's default limit (one idle worker a CPU)
     # two of them were stopped during the pause and the second wave ran two at a time in the two left
     # (measured: pids [a, b, c, d] then [a, c]). Every wave must run in the same four workers.
-    import json
-
-    ray_tmp = tempfile.mkdtemp(prefix="tr-ray-")
-    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"} | {"RAY_TMPDIR": ray_tmp}
-    env.pop("RAY_num_workers_soft_limit", None)
-    try:
-        repo = Path(__file__).resolve().parents[2]
-        result = run_reaped([sys.executable, "-c", WORKER_REUSE_SCRIPT], 180, env=env, cwd=repo)
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert result.returncode == 0, result.stderr[-2000:]
-    first, second = json.loads(result.stdout.strip().splitlines()[-1])
+    first, second = _last_json_line_of(WORKER_REUSE_SCRIPT, unset=["RAY_num_workers_soft_limit"])
     assert len(first) == 4
     assert second == first
