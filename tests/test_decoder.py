@@ -148,7 +148,8 @@ def test_a_decoder_crash_is_retried_once_in_a_fresh_process(shared_data):
 
 
 def test_a_decoder_over_its_memory_cap_fails_that_video_only(sample_videos):
-    decoder = IsolatedDecoder(DecodeSettings(num_frames=NUM_FRAMES, memory_limit_mb=8))
+    # 100 frames at 224 px: 27 MB of frames before the crop, more than the 8 MB the decoder may add.
+    decoder = IsolatedDecoder(DecodeSettings(num_frames=100, memory_limit_mb=8))
     try:
         video = decode(decoder, sample_videos["counter_wide_ntsc"])
     finally:

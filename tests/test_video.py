@@ -215,6 +215,36 @@ def test_auto_prefers_decord(sample_videos):
     assert sample_frames(sample_videos["counter_short"], 5).backend == "decord"
 
 
+def test_pyav_on_one_thread_decodes_and_scales_on_one_thread(sample_videos):
+    # Since PyAV 17 its scaler starts a thread a core unless told otherwise, and a decoder opened with
+    # FFmpeg's default count starts a thread a core: on 2 cores that cost one thread's work twice over.
+    import os
+    import threading
+    import time
+
+    def os_threads() -> int:
+        return len(os.listdir("/proc/self/task"))
+
+    peak, stop = [0], threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], os_threads())
+            time.sleep(0.0002)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        time.sleep(0.01)
+        before = peak[0]
+        for _ in range(3):
+            sample_frames(sample_videos["counter_wide_ntsc"], 20, short_side=36, backend="pyav", threads=1)
+    finally:
+        stop.set()
+        watcher.join()
+    assert peak[0] - before <= 1  # the scaler's one worker at most
+
+
 @pytest.mark.parametrize("backend", ["auto", *DECODERS])
 @pytest.mark.parametrize("name", sorted(BROKEN))
 def test_broken_files_raise_one_error_type_naming_the_file(name, backend, sample_videos):
