@@ -1,5 +1,8 @@
+import os
 import pickle
 import re
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -218,10 +221,6 @@ def test_auto_prefers_decord(sample_videos):
 def test_pyav_on_one_thread_decodes_and_scales_on_one_thread(sample_videos):
     # Since PyAV 17 its scaler starts a thread a core unless told otherwise, and a decoder opened with
     # FFmpeg's default count starts a thread a core: on 2 cores that cost one thread's work twice over.
-    import os
-    import threading
-    import time
-
     def os_threads() -> int:
         return len(os.listdir("/proc/self/task"))
 

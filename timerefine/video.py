@@ -442,21 +442,11 @@ def _pyav_to_rgb(frame: av.VideoFrame, width: int, height: int, threads: int) ->
         width=coded_width,
         height=coded_height,
         interpolation="BICUBIC",
-        **_scaler_threads(threads),
+        # PyAV's scaler otherwise starts a thread a core: converting one synthetic benchmark video's frames
+        # took 110 ms of CPU on 2 cores that way, 25 ms on one thread.
+        threads=threads,
     )
     return np.rot90(pixels, quarter_turns) if quarter_turns else pixels
-
-
-# PyAV 17 gave its scaler threads of its own, and the ``threads=`` that sets how many.
-_PYAV_SCALER_HAS_THREADS = int(av.__version__.split(".")[0]) >= 17
-
-
-def _scaler_threads(threads: int) -> dict[str, int]:
-    """The scaler's thread count, where this PyAV has one. Since PyAV 17 the scaler picks its own count
-    (one a core) unless told: converting the frames of one of the synthetic benchmark's videos that way
-    took 110 ms of CPU on 2 cores where one thread took 25 ms, so a decoder meant to use one core used two,
-    and four times the CPU for that step."""
-    return {"threads": threads} if _PYAV_SCALER_HAS_THREADS else {}
 
 
 def _quarter_turns(rotation_degrees: float) -> int:
