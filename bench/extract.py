@@ -63,7 +63,7 @@ from timerefine.data.storage import Storage, video_id_from_uri
 from timerefine.data.synthetic import SynthConfig, generate_benchmark
 from timerefine.decoder import DecodeSettings
 from timerefine.encoders import ClipImageEncoder, ClipPreprocessing, resolve_encoder
-from timerefine.video import sample_frames
+from timerefine.video import BACKENDS, primary_decoder, sample_frames
 
 REPO = Path(__file__).resolve().parents[1]
 DECODE, ENCODE = "Ray decode stage alone (tasks)", "Ray encode stage alone (actors)"
@@ -101,7 +101,7 @@ def _pin_to_one_core(core: int | None = None) -> None:
 
 
 def in_process_rates(
-    paths: list[str], encoder_name: str | None, num_frames: int, batch_size: int, barrier=None
+    paths: list[str], encoder_name: str | None, num_frames: int, batch_size: int, decoder: str, barrier=None
 ) -> dict:
     """Seconds per video of decoding and of encoding, one thread on one core (runs in a pinned child);
     with a ``barrier``, each phase starts when every core's child is ready for it."""
@@ -110,13 +110,15 @@ def in_process_rates(
     encoder = ClipImageEncoder(resolve_encoder(encoder_name), threads=1)
     torch.set_num_threads(1)
     preprocessing = encoder.preprocessing
-    sample_frames(paths[0], num_frames, short_side=preprocessing.resize_short)  # warm-up
+    sample_frames(paths[0], num_frames, short_side=preprocessing.resize_short, backend=decoder)  # warm-up
     if barrier is not None:
         barrier.wait()
     started = time.perf_counter()
     decoded = [
         preprocessing.resize_and_crop(
-            sample_frames(path, num_frames, short_side=preprocessing.resize_short, threads=1).frames
+            sample_frames(
+                path, num_frames, short_side=preprocessing.resize_short, threads=1, backend=decoder
+            ).frames
         )
         for path in paths
     ]
@@ -130,13 +132,15 @@ def in_process_rates(
     return {"decode_s": decode_s, "encode_s": (time.perf_counter() - started) / len(paths)}
 
 
-def measure_in_process(paths: list[str], encoder: str | None, num_frames: int, batch_size: int) -> dict:
+def measure_in_process(
+    paths: list[str], encoder: str | None, num_frames: int, batch_size: int, decoder: str
+) -> dict:
     """The in-process rates of one core alone, and of every core at once (one pinned child a core, each
     phase started together): what the issue's ratios assume is the first times the cores; what the cores
     can do is the second, where they share caches, memory bandwidth and the processor's power budget."""
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=context, initializer=_pin_to_one_core) as pool:
-        alone = pool.submit(in_process_rates, paths, encoder, num_frames, batch_size).result()
+        alone = pool.submit(in_process_rates, paths, encoder, num_frames, batch_size, decoder).result()
     cores = sorted(os.sched_getaffinity(0))
     with multiprocessing.Manager() as manager:
         barrier = manager.Barrier(len(cores))
@@ -148,7 +152,7 @@ def measure_in_process(paths: list[str], encoder: str | None, num_frames: int, b
         ]
         try:
             jobs = [
-                pool.submit(in_process_rates, paths, encoder, num_frames, batch_size, barrier)
+                pool.submit(in_process_rates, paths, encoder, num_frames, batch_size, decoder, barrier)
                 for pool in pools
             ]
             together = [job.result() for job in jobs]
@@ -210,12 +214,12 @@ def peak_memory_of(process: subprocess.Popen, every_s: float = 0.5) -> tuple[flo
 
 
 def run_extract(
-    videos_dir: Path, encoder: str | None, num_frames: int, memory: bool = False
+    videos_dir: Path, encoder: str | None, num_frames: int, decoder: str, memory: bool = False
 ) -> tuple[float, int]:
     """(wall seconds, peak PSS bytes when ``memory``, else 0) of one ``timerefine extract`` run."""
     with tempfile.TemporaryDirectory() as output:
         command = [sys.executable, "-m", "timerefine.cli", "extract", "--input", str(videos_dir)]
-        command += ["--output", output, "--num-frames", str(num_frames)]
+        command += ["--output", output, "--num-frames", str(num_frames), "--decoder", decoder]
         command += ["--encoder", encoder] if encoder else []
         process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL)
         if memory:
@@ -285,15 +289,21 @@ def measure(count: int, args, encoder_ref, settings: DecodeSettings) -> tuple[di
     # denominator was measured once moves with it.
     in_process = []
     for repeat in range(args.repeats):
-        in_process.append(measure_in_process(sample, args.encoder, args.num_frames, args.batch_size))
+        in_process.append(
+            measure_in_process(sample, args.encoder, args.num_frames, args.batch_size, args.decoder)
+        )
         first, second = (EXTRACT, LOOP) if repeat % 2 == 0 else (LOOP, EXTRACT)
         for name in (first, second):
             if name == EXTRACT:
-                results[EXTRACT].walls.append(run_extract(videos_dir, args.encoder, args.num_frames)[0])
+                results[EXTRACT].walls.append(
+                    run_extract(videos_dir, args.encoder, args.num_frames, args.decoder)[0]
+                )
             else:
                 results[LOOP].walls.append(run_plain_loop(videos_dir, encoder_ref.path or encoder_ref.name))
 
-    results[EXTRACT].peaks.append(run_extract(videos_dir, args.encoder, args.num_frames, memory=True)[1])
+    results[EXTRACT].peaks.append(
+        run_extract(videos_dir, args.encoder, args.num_frames, args.decoder, memory=True)[1]
+    )
     rates = {key: statistics.median(run[key] for run in in_process) for key in in_process[0]}
 
     storage = Storage()
@@ -389,17 +399,23 @@ def main() -> None:
         "--repeats", type=int, default=3, help="runs of each, in alternating order; median kept"
     )
     parser.add_argument("--encoder", help="what extract --encoder takes (default: the built-in small one)")
+    parser.add_argument(
+        "--decoder", choices=BACKENDS, default="auto", help="what extract --decoder takes, in process too"
+    )
     args = parser.parse_args()
 
     encoder_ref = resolve_encoder(args.encoder)
     preprocessing = ClipPreprocessing.from_pretrained(*encoder_ref.pretrained_source())
-    settings = DecodeSettings.for_encoder(preprocessing, num_frames=args.num_frames)
+    settings = DecodeSettings.for_encoder(preprocessing, num_frames=args.num_frames, decoder=args.decoder)
     cores = usable_cpus()
     peaks = {}
     with LoadWatch() as load:
         measured = [(count, *measure(count, args, encoder_ref, settings)) for count in args.videos]
     print(f"Machine: {machine()}; 1-minute load average {min(load.samples):.2f}-{max(load.samples):.2f}")
-    print(f"Encoder: {encoder_ref.identity}; median of {args.repeats} runs each")
+    print(
+        f"Encoder: {encoder_ref.identity}; decoder: {primary_decoder(args.decoder)} "
+        f"(the plain loop's: decord); median of {args.repeats} runs each"
+    )
     for count, rates, results in measured:
         peaks[count] = report(count, args.num_frames, rates, results, cores)["peak"]
     if len(peaks) > 1:

@@ -46,6 +46,7 @@ from timerefine.features import (
     remove_rows,
     write_feature_part,
 )
+from timerefine.video import BACKENDS, primary_decoder
 
 from . import jobs
 from .compute import ClusterResources, ExtractionCompute, plan_extraction, ray_connection
@@ -68,6 +69,7 @@ DECODED_SCHEMA = pa.schema(
         ("fps", pa.float64()),
         ("num_frames", pa.int64()),
         ("frame_times_s", pa.list_(pa.float32())),
+        ("decoder", pa.string()),
         ("frames", pa.large_binary()),  # (T, crop, crop, 3) uint8, C order; empty for errors
     ]
 )
@@ -90,6 +92,7 @@ class ExtractConfig:
     retry_errors: bool = False  # retry videos that failed before
     decode_timeout: float = 120.0  # seconds per video
     decode_memory_mb: int = 4096  # decoder memory cap per video
+    decoder: str = "auto"  # auto (decord, PyAV for files decord cannot read), decord or pyav
     videos_per_file: int = 64  # videos per Parquet part file
     progress_every: int = 50  # print a progress line per N videos
     cluster: jobs.ClusterOptions = field(default_factory=jobs.ClusterOptions)
@@ -102,6 +105,8 @@ class ExtractConfig:
             raise ValueError(
                 f"--decode-timeout must be a positive number of seconds, got {self.decode_timeout}"
             )
+        if self.decoder not in BACKENDS:
+            raise ValueError(f"--decoder must be one of {', '.join(BACKENDS)}, got {self.decoder!r}")
 
 
 @dataclass
@@ -132,6 +137,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retry-errors", action="store_true", help="retry videos that failed before")
     parser.add_argument("--decode-timeout", type=float, default=120.0, help="seconds per video")
     parser.add_argument("--decode-memory-mb", type=int, default=4096, help="decoder memory cap per video")
+    parser.add_argument(
+        "--decoder",
+        choices=BACKENDS,
+        default="auto",
+        help="auto: decord, and PyAV for files decord cannot read (PyAV alone where decord is not installed)",
+    )
     parser.add_argument("--videos-per-file", type=int, default=64, help="videos per Parquet part file")
     parser.add_argument("--progress-every", type=int, default=50, help="print a progress line per N videos")
     jobs.add_cluster_arguments(parser)
@@ -151,6 +162,7 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
         retry_errors=args.retry_errors,
         decode_timeout=args.decode_timeout,
         decode_memory_mb=args.decode_memory_mb,
+        decoder=args.decoder,
         videos_per_file=args.videos_per_file,
         progress_every=args.progress_every,
         cluster=cluster,
@@ -237,7 +249,7 @@ def run(config: ExtractConfig) -> ExtractResult:
     listing = storage.list_videos(config.input)
     videos = _video_ids(config.input, listing)
     committed = committed_rows(config.output, storage)
-    _check_same_extraction(config.output, committed.metadata, encoder, config.num_frames)
+    _check_same_extraction(config, committed.metadata, encoder)
     plan = plan_work(videos, committed, config.retry_errors)
     progress = Progress(total=0, every=config.progress_every, num_frames=config.num_frames)
     if not plan.writes and not _tolerating(lambda: len(storage.incomplete_writes(config.output))):
@@ -256,6 +268,7 @@ def run(config: ExtractConfig) -> ExtractResult:
                     num_frames=config.num_frames,
                     timeout_s=config.decode_timeout,
                     memory_limit_mb=config.decode_memory_mb,
+                    decoder=config.decoder,
                 )
                 try:
                     _extract(plan.todo, config, storage, encoder, settings, progress)
@@ -310,14 +323,19 @@ def _tidy_output(output: str, storage: Storage, plan: WorkPlan) -> None:
 class EncodeStage:
     """The encoder actor: loads the encoder once, then turns decoded videos into feature rows."""
 
-    def __init__(self, encoder: EncoderRef, threads: int | None, num_frames: int, batch_size: int) -> None:
+    def __init__(
+        self, encoder: EncoderRef, threads: int | None, num_frames: int, batch_size: int, decoder: str
+    ) -> None:
         self.encoder = ClipImageEncoder(encoder, threads=threads)
         self.num_frames = num_frames
         self.batch_size = batch_size
+        self.table_decoder = decoder
 
     def __call__(self, decoded: pa.Table) -> pa.Table:
         videos, frames = decoded_videos(decoded, self.encoder.preprocessing.crop_size, self.num_frames)
-        return encode_videos(self.encoder, videos, frames, self.num_frames, self.batch_size)
+        return encode_videos(
+            self.encoder, videos, frames, self.num_frames, self.batch_size, self.table_decoder
+        )
 
 
 class ExtractStage:
@@ -342,6 +360,7 @@ class ExtractStage:
         self.num_frames = settings.num_frames
         self.batch_size = batch_size
         self.storage = storage
+        self.table_decoder = primary_decoder(settings.decoder)
 
     def __call__(self, videos: pa.Table) -> pa.Table:
         decoded = [
@@ -350,7 +369,9 @@ class ExtractStage:
         ]
         ok = [video.frames for video in decoded if video.ok]
         frames = ok[0] if len(ok) == 1 else np.concatenate(ok) if ok else None
-        return encode_videos(self.encoder, decoded, frames, self.num_frames, self.batch_size)
+        return encode_videos(
+            self.encoder, decoded, frames, self.num_frames, self.batch_size, self.table_decoder
+        )
 
 
 def decode_stage(videos: pa.Table, storage: Storage, settings: DecodeSettings) -> pa.Table:
@@ -378,6 +399,7 @@ def decoded_table(videos: list[DecodedVideo]) -> pa.Table:
         "fps": [video.fps for video in videos],
         "num_frames": [video.num_frames for video in videos],
         "frame_times_s": [video.frame_times_s for video in videos],
+        "decoder": [video.decoder for video in videos],
         "frames": pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(videos), [None, offsets, data]),
     }
     return pa.table(columns, schema=DECODED_SCHEMA)
@@ -398,6 +420,7 @@ def decoded_videos(
             fps=columns["fps"][index],
             num_frames=columns["num_frames"][index],
             frame_times_s=columns["frame_times_s"][index],
+            decoder=columns["decoder"][index],
         )
         for index in range(table.num_rows)
     ]
@@ -417,8 +440,10 @@ def encode_videos(
     frames: np.ndarray | None,
     num_frames: int,
     batch_size: int,
+    decoder: str,
 ) -> pa.Table:
-    """Decoded videos -> rows of the feature table; ``frames`` holds the ok videos' frames, in order.
+    """Decoded videos -> rows of the feature table; ``frames`` holds the ok videos' frames, in order, and
+    ``decoder`` is the extraction's (``timerefine.video.primary_decoder``).
 
     The frames of all ok videos go through the encoder together, ``batch_size`` at a time; error videos
     pass through without features. If encoding fails, every ok video becomes an error row with the reason.
@@ -433,6 +458,7 @@ def encode_videos(
             "frame_times_s": video.frame_times_s,
             "status": STATUS_OK if video.ok else STATUS_ERROR,
             "error": video.error,
+            "decoder": video.decoder,
         }
         for video in videos
     ]
@@ -446,8 +472,8 @@ def encode_videos(
             logger.exception("encoding %d videos failed", len(ok))
             reason = f"encoding failed: {type(error).__name__}: {error}"
             for row in ok:
-                row.update(status=STATUS_ERROR, error=reason)
-    return feature_rows_to_table(rows, features, num_frames, encoder.dim, encoder.identity)
+                row.update(status=STATUS_ERROR, error=reason, decoder=None)
+    return feature_rows_to_table(rows, features, num_frames, encoder.dim, encoder.identity, decoder)
 
 
 def write_stage(features: pa.Table, output: str, storage: Storage) -> pa.Table:
@@ -499,6 +525,7 @@ def add_encoding(
             "threads": compute.encoder_threads,
             "num_frames": settings.num_frames,
             "batch_size": batch_size,
+            "decoder": primary_decoder(settings.decoder),
         },
         **compute.encode_args(),
     )
@@ -607,14 +634,22 @@ def _print_plan(config: ExtractConfig, listing: VideoListing, videos: dict[str, 
         print(f"[extract]   ... and {len(listing.suspicious) - 20} more named like videos", flush=True)
 
 
-def _check_same_extraction(output: str, metadata: dict | None, encoder: EncoderRef, num_frames: int) -> None:
-    """Resuming into a table made with another encoder or frame count would mix incomparable features."""
+def _check_same_extraction(config: ExtractConfig, metadata: dict | None, encoder: EncoderRef) -> None:
+    """Resuming into a table made with another encoder, frame count or decoder would mix features that
+    differ for the same video (tables from before the decoder was recorded are not checked for it)."""
     if metadata is None:
         return
-    if metadata["encoder"] != encoder.identity or metadata["num_frames"] != num_frames:
+    if metadata["encoder"] != encoder.identity or metadata["num_frames"] != config.num_frames:
         raise ValueError(
-            f"{output} holds features of {metadata['encoder']} with {metadata['num_frames']} frames a video; "
-            f"this run asks for {encoder.identity} with {num_frames}. Write to another output"
+            f"{config.output} holds features of {metadata['encoder']} with {metadata['num_frames']} frames "
+            f"a video; this run asks for {encoder.identity} with {config.num_frames}. Write to another output"
+        )
+    decoder = primary_decoder(config.decoder)
+    if metadata.get("decoder", decoder) != decoder:
+        raise ValueError(
+            f"{config.output} holds frames decoded by {metadata['decoder']}; this run would decode with "
+            f"{decoder} (--decoder {config.decoder}), whose frames differ slightly. "
+            f"Pass --decoder {metadata['decoder']} to resume, or write to another output"
         )
 
 

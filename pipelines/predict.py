@@ -96,7 +96,12 @@ def run(config: PredictConfig) -> PredictResult:
         model = load_checkpoint(fetch_checkpoint(config.checkpoint, storage, Path(staging)))
     encoder = encoder_for(model.config.encoder, config.encoder)
     features, duration = encode_video(
-        config.video, encoder, model.config.num_frames, storage, config.decode_timeout
+        config.video,
+        encoder,
+        model.config.num_frames,
+        storage,
+        config.decode_timeout,
+        model.config.video_decoder,
     )
     prediction = model.generate([features], [config.query], [duration], constrained=not config.free_decoding)
     video_id = video_id_from_uri(config.video)
@@ -145,15 +150,24 @@ def encoder_for(recorded: str | None, override: str | None) -> EncoderRef:
 
 
 def encode_video(
-    uri: str, encoder_ref: EncoderRef, num_frames: int, storage: Storage, timeout_s: float
+    uri: str,
+    encoder_ref: EncoderRef,
+    num_frames: int,
+    storage: Storage,
+    timeout_s: float,
+    recorded_decoder: str | None = None,
 ) -> tuple[np.ndarray, float]:
     """(num_frames, dim) features of the video and its duration in seconds, made by the extraction's own
-    per-video stages (so exactly as the training features were)."""
+    per-video stages and the decoder the checkpoint's features came from (so exactly as the training
+    features were: PyAV's frames differ slightly from decord's)."""
     from timerefine.decoder import DecodeSettings, IsolatedDecoder, decode_video
     from timerefine.encoders import ClipImageEncoder
 
     encoder = ClipImageEncoder(encoder_ref)
-    settings = DecodeSettings.for_encoder(encoder.preprocessing, num_frames=num_frames, timeout_s=timeout_s)
+    decoder = "pyav" if recorded_decoder == "pyav" else "auto"  # decord's tables: decord, PyAV where it fails
+    settings = DecodeSettings.for_encoder(
+        encoder.preprocessing, num_frames=num_frames, timeout_s=timeout_s, decoder=decoder
+    )
     decoder = IsolatedDecoder(settings)
     try:
         decoded = decode_video(video_id_from_uri(uri), uri, storage, decoder)

@@ -13,7 +13,7 @@ import pytest
 
 from timerefine.data.storage import Storage
 from timerefine.decoder import DecodedVideo, DecodeSettings, IsolatedDecoder, decode_video
-from timerefine.video import sample_indices
+from timerefine.video import primary_decoder, sample_indices
 
 NUM_FRAMES = 12
 SETTINGS = DecodeSettings(num_frames=NUM_FRAMES, resize_short=128, crop_size=128, timeout_s=60)
@@ -38,6 +38,7 @@ def test_a_video_decodes_into_a_row_of_cropped_frames(decoder, sample_videos, sa
 
     assert (video.ok, video.error) == (True, None)
     assert (video.video_id, video.uri) == ("counter_10fps", str(path))
+    assert video.decoder == primary_decoder("auto")
     assert video.num_frames == truth.num_frames
     assert video.fps == pytest.approx(truth.fps)
     assert video.duration_s == pytest.approx(truth.duration_s, abs=0.01)
@@ -45,6 +46,11 @@ def test_a_video_decodes_into_a_row_of_cropped_frames(decoder, sample_videos, sa
     times = np.asarray(video.frame_times_s)
     expected = np.asarray(truth.frame_times_s)[sample_indices(truth.num_frames, NUM_FRAMES)]
     np.testing.assert_allclose(times, expected, atol=1e-3)
+
+
+def test_settings_name_a_decoder_it_knows():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        DecodeSettings(decoder="ffmpeg")
 
 
 def test_frames_stay_as_decoded_when_the_next_video_comes_through_the_shared_buffer(decoder, sample_videos):

@@ -100,6 +100,30 @@ def test_a_table_mixing_encoders_is_refused(tmp_path):
         read_feature_table(str(tmp_path))
 
 
+@pytest.mark.parametrize("old_ids", [["s"], ["z"]])  # the old part's name sorts first, then last
+def test_a_table_resumed_across_the_decoder_column_reads_as_one(tmp_path, old_ids):
+    """Parts written before the ``decoder`` column (and its metadata) existed and parts written after it
+    are one table: each reader gets every row, the old rows without a decoder, whichever part Arrow
+    happens to read first."""
+    old_rows = [row(video_id, STATUS_OK) for video_id in old_ids]
+    old = feature_rows_to_table(old_rows, {v: np.ones((2, 3), np.float16) for v in old_ids}, 2, 3, "enc@1")
+    old = old.drop_columns(["decoder"]).replace_schema_metadata(
+        {b"timerefine.features": b'{"version": 1, "encoder": "enc@1", "num_frames": 2, "dim": 3}'}
+    )
+    pq.write_table(old, tmp_path / part_name(old_ids))
+    new = [row("m", STATUS_OK) | {"decoder": "pyav"}, row("n", STATUS_ERROR)]
+    new_table = feature_rows_to_table(new, {"m": np.ones((2, 3), np.float16)}, 2, 3, "enc@1", "decord")
+    write_feature_part(new_table, str(tmp_path), Storage())
+
+    table = read_feature_table(str(tmp_path))
+    assert sorted(table.column("video_id").to_pylist()) == sorted([*old_ids, "m", "n"])
+    assert sorted(load_features(str(tmp_path))) == sorted([*old_ids, "m"])
+    assert committed_statuses(str(tmp_path))[0] == {old_ids[0]: STATUS_OK, "m": STATUS_OK, "n": STATUS_ERROR}
+    decoders = dict(zip(*(table.column(name).to_pylist() for name in ("video_id", "decoder")), strict=True))
+    assert decoders == {old_ids[0]: None, "m": "pyav", "n": None}
+    assert committed_rows(str(tmp_path)).metadata["decoder"] == "decord"  # what a resumed run checks
+
+
 def test_an_empty_folder_has_no_committed_videos_and_no_table(tmp_path):
     assert committed_statuses(str(tmp_path / "new")) == ({}, None)
     with pytest.raises(FileNotFoundError, match="no feature table"):

@@ -412,3 +412,14 @@ def test_backends_agree_on_the_real_charades_clip(charades_samples):
         np.testing.assert_allclose(by_decord.times_s, by_pyav.times_s, atol=1e-4)
         assert by_decord.info.duration_s == pytest.approx(by_pyav.info.duration_s, abs=1e-3)
         assert np.abs(by_decord.frames.astype(np.int16) - by_pyav.frames).mean() < tolerance
+
+
+def test_the_primary_decoder_is_what_reads_every_file_it_can(monkeypatch):
+    """What a feature table records: "auto" means decord where it is installed, PyAV where it is not."""
+    assert video.primary_decoder("pyav") == "pyav"
+    assert video.primary_decoder("decord") == "decord"
+    assert video.primary_decoder("auto") == ("pyav" if video.decord is None else "decord")
+    monkeypatch.setattr(video, "decord", None)
+    assert video.primary_decoder("auto") == "pyav"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        video.primary_decoder("ffmpeg")

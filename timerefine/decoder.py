@@ -31,7 +31,7 @@ import numpy as np
 
 from timerefine.data.storage import Storage, StorageError
 from timerefine.encoders import ClipPreprocessing
-from timerefine.video import SampledFrames, VideoDecodeError, VideoInfo, sample_frames
+from timerefine.video import SampledFrames, VideoDecodeError, VideoInfo, primary_decoder, sample_frames
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +45,11 @@ class DecodeSettings:
     crop_size: int = 224
     timeout_s: float = 120.0
     memory_limit_mb: int = 4096  # address space the decoder may add to its idle size, per video
-    backend: str = "auto"
+    decoder: str = "auto"  # "auto" (decord, PyAV for what decord cannot read), "decord" or "pyav"
     threads: int = 1  # decoder threads: a task or actor decodes one video a core, and more cost CPU
+
+    def __post_init__(self) -> None:
+        primary_decoder(self.decoder)  # a name it does not know is an error here, not in the child
 
     @property
     def frame_bytes(self) -> int:
@@ -102,7 +105,7 @@ class IsolatedDecoder:
             "num_frames": self.settings.num_frames,
             "resize_short": self.settings.resize_short,
             "crop_size": self.settings.crop_size,
-            "backend": self.settings.backend,
+            "decoder": self.settings.decoder,
             "threads": self.settings.threads,
         }
         with self._lock:
@@ -265,7 +268,7 @@ def serve_decoding() -> None:
                 source,
                 request["num_frames"],
                 short_side=request["resize_short"],
-                backend=request["backend"],
+                backend=request["decoder"],
                 name=request["name"],
                 threads=request["threads"],
             )
@@ -370,6 +373,7 @@ class DecodedVideo:
     fps: float | None = None
     num_frames: int | None = None  # frames in the source video
     frame_times_s: list[float] | None = None  # presentation time of each sampled frame
+    decoder: str | None = None  # "decord" or "pyav": which one read this file
     frames: np.ndarray | None = field(default=None, repr=False)  # (T, crop, crop, 3) uint8
 
     @property
@@ -392,5 +396,6 @@ def decode_video(video_id: str, uri: str, storage: Storage, decoder: IsolatedDec
         fps=sampled.info.fps,
         num_frames=sampled.info.num_frames,
         frame_times_s=sampled.times_s.tolist(),
+        decoder=sampled.backend,
         frames=sampled.frames,
     )

@@ -42,13 +42,18 @@ STATUS_OK = "ok"
 STATUS_ERROR = "error"
 
 
-def feature_schema(num_frames: int, dim: int, encoder: str) -> pa.Schema:
+def feature_schema(num_frames: int, dim: int, encoder: str, decoder: str | None = None) -> pa.Schema:
     """The feature table's schema; ``features`` is Arrow's canonical fixed-shape tensor (T, dim) float16.
 
     Readers without tensor support see its storage type, a fixed-size list of T * dim float16; the
-    schema metadata repeats the shape and the encoder.
+    schema metadata repeats the shape and the encoder, and names the decoder the extraction read files
+    with (``timerefine.video.primary_decoder``): two decoders' frames of one file differ slightly, so a
+    resumed extraction must not switch. The ``decoder`` column says which one read each row's file (an
+    "auto" extraction reads what decord cannot with PyAV); tables written before it have neither.
     """
     metadata = {"version": FORMAT_VERSION, "encoder": encoder, "num_frames": num_frames, "dim": dim}
+    if decoder is not None:
+        metadata["decoder"] = decoder
     return pa.schema(
         [
             pa.field("video_id", pa.string(), nullable=False),
@@ -61,6 +66,7 @@ def feature_schema(num_frames: int, dim: int, encoder: str) -> pa.Schema:
             ("encoder", pa.string()),
             ("status", pa.string()),
             ("error", pa.string()),
+            ("decoder", pa.string()),  # null on error rows
         ],
         metadata={METADATA_KEY: json.dumps(metadata)},
     )
@@ -75,10 +81,16 @@ def table_metadata(schema: pa.Schema) -> dict:
 
 
 def feature_rows_to_table(
-    rows: Sequence[dict], features: dict[str, np.ndarray], num_frames: int, dim: int, encoder: str
+    rows: Sequence[dict],
+    features: dict[str, np.ndarray],
+    num_frames: int,
+    dim: int,
+    encoder: str,
+    decoder: str | None = None,
 ) -> pa.Table:
-    """Build a feature table from row dicts and a video_id -> (T, dim) array map (absent for errors)."""
-    schema = feature_schema(num_frames, dim, encoder)
+    """Build a feature table from row dicts and a video_id -> (T, dim) array map (absent for errors);
+    ``decoder`` is the extraction's (the schema metadata's), each row's own ``decoder`` its column."""
+    schema = feature_schema(num_frames, dim, encoder, decoder)
     tensor_type = schema.field("features").type
     # One float16 buffer for the whole column (error rows are null slots of zeros): pa.array over a list of
     # per-video arrays converted element by element, 34 ms a video, about a seventh of encoding it.
@@ -91,12 +103,9 @@ def feature_rows_to_table(
     storage = pa.FixedSizeListArray.from_arrays(
         pa.array(values.reshape(-1)), num_frames * dim, mask=pa.array(missing)
     )
-    columns = {
-        name: [row.get(name) for row in rows]
-        for name in ("video_id", "uri", "duration_s", "fps", "num_frames", "frame_times_s", "status", "error")
-    }
+    columns = {name: [row.get(name) for row in rows] for name in schema.names if name != "features"}
     columns["features"] = pa.ExtensionArray.from_storage(tensor_type, storage)
-    columns["encoder"] = [encoder] * len(rows)
+    columns["encoder"] = [encoder] * len(rows)  # the table's, whatever the rows say
     return pa.table({field.name: columns[field.name] for field in schema}, schema=schema)
 
 
@@ -160,6 +169,7 @@ class FeatureRow:
     num_frames: int
     uri: str
     encoder: str
+    decoder: str | None = None  # "decord" or "pyav" (None in tables from before it was recorded)
 
 
 def part_uris(uri: str, storage: Storage | None = None) -> list[str]:
@@ -289,6 +299,7 @@ def load_features(
             num_frames=row["num_frames"],
             uri=row["uri"],
             encoder=row["encoder"],
+            decoder=row.get("decoder"),
         )
         for index, row in enumerate(rows)
     }
@@ -315,6 +326,7 @@ def _read_parts(
     bad input (parts of different extractions) or as storage errors, naming the table."""
     try:
         dataset = pads.dataset(paths, filesystem=filesystem, format="parquet")
+        dataset = dataset.replace_schema(_table_schema(dataset))
         return dataset, dataset.to_table(columns=columns)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
         raise ValueError(
@@ -322,3 +334,12 @@ def _read_parts(
         ) from error
     except OSError as error:
         raise StorageError(f"cannot read the feature table {uri}: {error}") from error
+
+
+def _table_schema(dataset: pads.FileSystemDataset) -> pa.Schema:
+    """Every part's columns, not only the first part's (what Arrow would read): a table resumed after a
+    column was added (``decoder``) holds parts with and without it. Its metadata is the newest kind's."""
+    schemas = [fragment.physical_schema for fragment in dataset.get_fragments()]
+    unified = pa.unify_schemas(schemas)
+    newest = max(schemas, key=lambda schema: len((schema.metadata or {}).get(METADATA_KEY, b"")))
+    return unified.with_metadata(newest.metadata)

@@ -84,6 +84,7 @@ class ModelConfig:
     dtype: str = "float32"  # dtype of the LLM's weights; training on GPU keeps float32 and autocasts
     bf16_autocast: bool = True  # on CUDA, run forward and generate under bfloat16 autocast
     encoder: str | None = None  # the feature encoder (id + revision), recorded for the checkpoint
+    video_decoder: str | None = None  # what decoded the features' videos ("decord" / "pyav"): predict's
     prompt_layout: str = VIDEO_FIRST  # or "question-first": the frames after the question
     frame_loss_weight: float = 0.0  # weight of the frame relevance BCE; 0: no frame head
     time_embedding: str = "none"  # "digits" or "learned": tell each frame slot its time

@@ -136,7 +136,9 @@ class TrainConfig:
             raise ValueError(f"unknown training options {unknown}; known: {sorted(known)}")
         return cls(**values)
 
-    def model_config(self, feature_dim: int, encoder: str | None, max_new_tokens: int) -> ModelConfig:
+    def model_config(
+        self, feature_dim: int, encoder: str | None, max_new_tokens: int, video_decoder: str | None = None
+    ) -> ModelConfig:
         return ModelConfig(
             llm=self.llm,
             feature_dim=feature_dim,
@@ -145,6 +147,7 @@ class TrainConfig:
             max_new_tokens=max_new_tokens,
             refine_steps=self.parsed_schedule().k,
             encoder=encoder,
+            video_decoder=video_decoder,
             prompt_layout=self.prompt_layout,
             frame_loss_weight=self.frame_loss_weight,
             time_embedding=self.time_embedding,
@@ -193,6 +196,14 @@ class TrainingData:
     @property
     def encoder(self) -> str:
         return next(iter(self.features.values())).encoder
+
+    @property
+    def video_decoder(self) -> str | None:
+        """The decoder that made the features, as a prediction must decode a new video: "pyav" when PyAV
+        read every file, "decord" when decord read any (an "auto" table reads the rest with PyAV, as a
+        prediction with "auto" does), None for tables that do not record it."""
+        decoders = {row.decoder for row in self.features.values()} - {None}
+        return None if not decoders else "pyav" if decoders == {"pyav"} else "decord"
 
     @property
     def feature_dim(self) -> int:

@@ -43,6 +43,17 @@ except ImportError:  # decord ships wheels for x86-64 only; PyAV serves everywhe
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "decord", "pyav")
+
+
+def primary_decoder(backend: str) -> str:
+    """The decoder that ``backend`` reads every file with that it can: what a feature table records, since
+    two decoders' frames of one file differ slightly. "auto" is decord where it is installed; the files
+    decord cannot read fall back to PyAV, and a table's ``decoder`` column names each row's."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return "pyav" if backend == "pyav" or (backend == "auto" and decord is None) else "decord"
+
+
 NO_VIDEO_STREAM = "the file has no video stream"
 
 VideoSource = str | os.PathLike | bytes

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ from timerefine.features import (
     read_feature_table,
     table_metadata,
 )
+from timerefine.video import primary_decoder
 
 REPO = Path(__file__).resolve().parents[2]
 GOOD = ("counter_10fps", "vfr_offset", "rotated_90")
@@ -85,14 +87,19 @@ def test_a_local_folder_becomes_a_table_with_error_rows_and_resumes(
     rows = {row["video_id"]: row for row in table.drop_columns(["features"]).to_pylist()}
     assert sorted(rows) == sorted(GOOD + BROKEN)
     encoder = resolve_encoder(None).identity
-    assert table_metadata(table.schema) == {"version": 1, "encoder": encoder, "num_frames": 100, "dim": 768}
+    decoder = primary_decoder("auto")
+    assert table_metadata(table.schema) == {
+        "version": 1, "encoder": encoder, "num_frames": 100, "dim": 768, "decoder": decoder
+    }  # fmt: skip
     assert {row["encoder"] for row in rows.values()} == {encoder}
+    assert {video_id: rows[video_id]["decoder"] for video_id in GOOD} == dict.fromkeys(GOOD, decoder)
     features = load_features(str(output))
     assert sorted(features) == sorted(GOOD)
     for video_id in GOOD:
         assert_ok_row(rows[video_id], features[video_id].features.astype(np.float32))
     for video_id in BROKEN:
         assert rows[video_id]["status"] == STATUS_ERROR and rows[video_id]["error"]
+        assert rows[video_id]["decoder"] is None
     plain = pd.read_parquet(output)  # plain pandas, no timerefine, no Ray
     assert len(plain) == 6
     assert plain.set_index("video_id").loc["counter_10fps", "features"].shape == (100 * 768,)
@@ -119,6 +126,11 @@ def test_a_local_folder_becomes_a_table_with_error_rows_and_resumes(
     # The same output with another frame count would mix incomparable features: refused.
     assert extract("--input", str(videos), "--output", str(output), "--num-frames", "50") == 2
     assert "holds features of" in capsys.readouterr().err
+    # So would another decoder (frames differ slightly): refused, saying how to resume.
+    other = "pyav" if decoder == "decord" else "decord"
+    assert extract("--input", str(videos), "--output", str(output), "--decoder", other, "--retry-errors") == 2
+    assert f"holds frames decoded by {decoder}" in (err := capsys.readouterr().err)
+    assert f"Pass --decoder {decoder} to resume" in err
 
 
 @pytest.mark.integration
@@ -312,11 +324,16 @@ def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> ClipImageEncoder:
 
 def test_decoded_videos_cross_as_arrow_and_encode_into_the_feature_schema(tiny_encoder, sample_videos):
     paths = [sample_videos["counter_10fps"], sample_videos["not_video"], sample_videos["rotated_90"]]
-    decoder = IsolatedDecoder(DecodeSettings(num_frames=NUM_FRAMES, resize_short=128, crop_size=128))
-    try:
-        videos = [decode_video(path.stem, str(path), Storage(), decoder) for path in paths]
+    settings = DecodeSettings(num_frames=NUM_FRAMES, resize_short=128, crop_size=128)
+    decoders = [IsolatedDecoder(replace(settings, decoder=name)) for name in ("pyav", "auto", "auto")]
+    try:  # each row says which decoder read its file, whatever the table's is
+        videos = [
+            decode_video(path.stem, str(path), Storage(), decoder)
+            for path, decoder in zip(paths, decoders, strict=True)
+        ]
     finally:
-        decoder.close()
+        for decoder in decoders:
+            decoder.close()
     decoded = extract_features.decoded_table(videos)
     assert decoded.schema == extract_features.DECODED_SCHEMA
     _, sliced = extract_features.decoded_videos(decoded.slice(1), 128, NUM_FRAMES)  # an Arrow offset
@@ -328,12 +345,14 @@ def test_decoded_videos_cross_as_arrow_and_encode_into_the_feature_schema(tiny_e
     )
     np.testing.assert_array_equal(frames, np.concatenate([videos[0].frames, videos[2].frames]))
 
-    table = extract_features.encode_videos(tiny_encoder, back, frames, NUM_FRAMES, batch_size=7)
+    table = extract_features.encode_videos(tiny_encoder, back, frames, NUM_FRAMES, 7, decoder="decord")
 
     assert table.column("video_id").to_pylist() == ["counter_10fps", "not_video", "rotated_90"]
     assert table.column("status").to_pylist() == [STATUS_OK, STATUS_ERROR, STATUS_OK]
     assert table.column("encoder").to_pylist() == [tiny_encoder.identity] * 3
+    assert table.column("decoder").to_pylist() == ["pyav", None, primary_decoder("auto")]
     metadata = table_metadata(table.schema)
+    assert metadata.pop("decoder") == "decord"  # the table's, not its rows'
     assert metadata == {"version": 1, "encoder": tiny_encoder.identity, "num_frames": NUM_FRAMES, "dim": 768}
     features = table.column("features").combine_chunks()
     assert features.is_null().to_pylist() == [False, True, False]

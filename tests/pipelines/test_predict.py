@@ -10,17 +10,20 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from pipelines import jobs, predict, train
-from timerefine.checkpoint import save_checkpoint
+from timerefine import video as video_module
+from timerefine.checkpoint import load_checkpoint, save_checkpoint
 from timerefine.data.annotations import Query, write_jsonl
 from timerefine.data.storage import Storage
 from timerefine.decoder import DecodeSettings, IsolatedDecoder, decode_video
 from timerefine.encoders import ClipImageEncoder, resolve_encoder
-from timerefine.features import STATUS_OK, feature_rows_to_table, write_feature_part
+from timerefine.features import STATUS_OK, feature_rows_to_table, load_features, write_feature_part
 from timerefine.metrics import temporal_iou
 from timerefine.model import ModelConfig, TimeRefineModel
 from timerefine.timecodec import parse_answer
@@ -40,10 +43,12 @@ def clip_checkpoint(shared_data, tmp_path_factory) -> str:
     torch.set_num_threads(1)  # as a 1-CPU Ray worker; two threads crawl on a shared 2-core machine
     try:
         encoder = ClipImageEncoder(None, threads=1)
-        decoder = IsolatedDecoder(DecodeSettings.for_encoder(encoder.preprocessing))
+        # PyAV, not the default's decord: predict must decode as the checkpoint's features were.
+        decoder = IsolatedDecoder(DecodeSettings.for_encoder(encoder.preprocessing, decoder="pyav"))
         decoded = decode_video(CLIP, video, Storage(), decoder)
         decoder.close()
         row = {"video_id": CLIP, "uri": video, "duration_s": decoded.duration_s, "status": STATUS_OK}
+        row["decoder"] = decoded.decoder
         features = {CLIP: encoder.encode(decoded.frames)}
         table = feature_rows_to_table([row], features, 100, encoder.dim, encoder.identity)
         write_feature_part(table, str(folder / "features"), Storage())
@@ -84,6 +89,25 @@ def test_predict_finds_the_memorised_moment_in_the_real_clip(clip_checkpoint, sh
     text = capsys.readouterr().out
     assert f"moment: {start:.2f} s to {end:.2f} s" in text
     assert "after step 1:" in text and "after step 2:" in text
+
+
+@pytest.mark.slow
+def test_predict_decodes_with_the_decoder_of_the_checkpoints_features(clip_checkpoint, shared_data):
+    model_config = load_checkpoint(clip_checkpoint).config
+    assert model_config.video_decoder == "pyav"  # recorded by training, from the feature table's rows
+    trained_on = load_features(str(Path(clip_checkpoint).parents[2] / "features"))[CLIP].features
+    video = str(shared_data / "videos" / f"{CLIP}.mp4")
+    encoder = predict.encoder_for(model_config.encoder, None)
+
+    features, _ = predict.encode_video(video, encoder, 100, Storage(), 60.0, model_config.video_decoder)
+
+    def gap(made: np.ndarray) -> float:
+        return float(np.abs(made.astype(np.float32) - trained_on.astype(np.float32)).max())
+
+    assert gap(features) < 2e-3  # the same frames (only float16 rounding may differ)
+    if video_module.decord is not None:  # what it made before the decoder was recorded: decord's
+        by_default, _ = predict.encode_video(video, encoder, 100, Storage(), 60.0, None)
+        assert gap(by_default) > 5e-3  # 0.018 here: decord's frames differ by 0.17 grey levels
 
 
 def test_predict_refuses_a_missing_video(tmp_path, capsys):
