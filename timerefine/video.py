@@ -10,7 +10,8 @@ everything. ``backend="auto"``
 tries decord and falls back to PyAV, so a collection of mixed files still yields one frame per sample.
 On one thread PyAV is the cheaper of the two (a real Charades clip to 100 frames at 224 px: 286 ms of
 CPU against decord's 384), but the frames differ slightly (0.17 grey levels on average after the
-resize), and feature tables and checkpoints made so far hold decord's: "auto" keeps decord first.
+resize), and feature tables and checkpoints made so far hold decord's: "auto" keeps decord first (a
+table records its decoder, ``primary_decoder``, and each row's; a checkpoint records its features').
 Both backends return the same thing for the same file: the frame at each index, in display orientation
 (decord applies rotation metadata, so the PyAV path does too), times relative to the stream's start,
 resized inside the decoder when ``short_side`` is given, so full-size frames are never held in memory
