@@ -164,9 +164,12 @@ def encode_video(
     from timerefine.encoders import ClipImageEncoder
 
     encoder = ClipImageEncoder(encoder_ref)
-    decoder = "pyav" if recorded_decoder == "pyav" else "auto"  # decord's tables: decord, PyAV where it fails
+    # A table decord made read what decord could not with PyAV: "auto" does the same.
     settings = DecodeSettings.for_encoder(
-        encoder.preprocessing, num_frames=num_frames, timeout_s=timeout_s, decoder=decoder
+        encoder.preprocessing,
+        num_frames=num_frames,
+        timeout_s=timeout_s,
+        decoder="pyav" if recorded_decoder == "pyav" else "auto",
     )
     decoder = IsolatedDecoder(settings)
     try:

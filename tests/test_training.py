@@ -37,3 +37,24 @@ def test_the_train_score_subset_spreads_over_the_set():
     queries = make_queries(10)
     assert [q.qid for q in train_score_subset(queries, 3)] == ["q0", "q3", "q6"]
     assert train_score_subset(queries, 0) == [] and len(train_score_subset(queries, 50)) == 10
+
+
+def test_training_data_names_the_decoder_a_prediction_must_use():
+    """PyAV only when PyAV read every video (an "auto" table made with decord reads the files decord
+    cannot with PyAV, and so does a prediction with "auto"); nothing for tables that do not record it."""
+    import numpy as np
+
+    from timerefine.features import FeatureRow
+    from timerefine.training import TrainingData
+
+    def data(*decoders: str | None) -> TrainingData:
+        rows = {
+            f"v{i}": FeatureRow(f"v{i}", np.zeros((2, 3)), np.zeros(2), 1.0, 2.0, 2, f"/v{i}.mp4", "enc@1", d)
+            for i, d in enumerate(decoders)
+        }
+        return TrainingData(rows, [], [], [])
+
+    assert data("pyav", "pyav").video_decoder == "pyav"
+    assert data("decord", "pyav").video_decoder == "decord"
+    assert data("decord").video_decoder == "decord"
+    assert data(None, None).video_decoder is None

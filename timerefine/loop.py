@@ -146,7 +146,9 @@ def build(config: TrainConfig, data: TrainingData, device: torch.device) -> tupl
     the trainer state of epoch 0."""
     torch.manual_seed(config.seed)
     model = TimeRefineModel.from_config(
-        config.model_config(data.feature_dim, data.encoder, 256, video_decoder=data.video_decoder)
+        config.model_config(
+            data.feature_dim, data.encoder, max_new_tokens=256, video_decoder=data.video_decoder
+        )
     )
     targets = [
         training_target(q, config.parsed_schedule(), config.seed, 0, config.time_tokens) for q in data.train
