@@ -338,8 +338,8 @@ def _read_parts(
 
 def _table_schema(dataset: pads.FileSystemDataset) -> pa.Schema:
     """Every part's columns, not only the first part's (what Arrow would read): a table resumed after a
-    column was added (``decoder``) holds parts with and without it. Its metadata is the newest kind's."""
+    column was added (``decoder``) holds parts with and without it. Its metadata is a part's that names the
+    decoder, where one does (what a resumed extraction checks)."""
     schemas = [fragment.physical_schema for fragment in dataset.get_fragments()]
-    unified = pa.unify_schemas(schemas)
-    newest = max(schemas, key=lambda schema: len((schema.metadata or {}).get(METADATA_KEY, b"")))
-    return unified.with_metadata(newest.metadata)
+    recorded = [s for s in schemas if b'"decoder"' in (s.metadata or {}).get(METADATA_KEY, b"")]
+    return pa.unify_schemas(schemas).with_metadata((recorded or schemas)[0].metadata)
