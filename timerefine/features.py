@@ -341,5 +341,5 @@ def _table_schema(dataset: pads.FileSystemDataset) -> pa.Schema:
     column was added (``decoder``) holds parts with and without it. Its metadata is a part's that names the
     decoder, where one does (what a resumed extraction checks)."""
     schemas = [fragment.physical_schema for fragment in dataset.get_fragments()]
-    recorded = [s for s in schemas if b'"decoder"' in (s.metadata or {}).get(METADATA_KEY, b"")]
+    recorded = [s for s in schemas if METADATA_KEY in (s.metadata or {}) and "decoder" in table_metadata(s)]
     return pa.unify_schemas(schemas).with_metadata((recorded or schemas)[0].metadata)

@@ -207,23 +207,30 @@ print(json.dumps({"worker": worker, "worker_niceness": niceness, "driver_nicenes
 """
 
 
-def test_a_local_rays_workers_inherit_the_job_env_and_the_driver_keeps_none_of_it() -> None:
+@pytest.fixture(scope="module")
+def local_ray_seen() -> dict:
+    """What a job's local Ray looks like from inside (one Ray start for the tests that read it)."""
+    from pipelines.jobs import QUIET_ENV
+
+    return _last_json_line_of(WORKER_ENV_SCRIPT, unset=[*QUIET_ENV, "RAY_worker_niceness"])
+
+
+def test_a_local_rays_workers_inherit_the_job_env_and_the_driver_keeps_none_of_it(local_ray_seen) -> None:
     # The variables reach the workers through the environment Ray's processes start with (no runtime
     # environment, so the idle workers Ray starts with the node serve the job); the driver's own
     # environment is as it was, so a later job in the same process does not connect to a stopped Ray.
     from pipelines.jobs import QUIET_ENV
 
-    seen = _last_json_line_of(WORKER_ENV_SCRIPT, unset=QUIET_ENV)
+    seen = local_ray_seen
     assert seen["worker"]["RAY_ADDRESS"].startswith("127.0.0.1:")
     assert {name: seen["worker"][name] for name in QUIET_ENV} == QUIET_ENV
     assert seen["driver_inside"] is None and seen["driver_after"] is None
 
 
-def test_a_local_rays_workers_run_at_the_drivers_priority() -> None:
+def test_a_local_rays_workers_run_at_the_drivers_priority(local_ray_seen) -> None:
     # Ray starts workers 15 nicer than its node; beside any other work the job then got almost no CPU
     # (8 videos: 202 s against a plain loop's 12.7 s beside two busy processes on 2 cores).
-    seen = _last_json_line_of(WORKER_ENV_SCRIPT, unset=["RAY_worker_niceness"])
-    assert seen["worker_niceness"] == seen["driver_niceness"]
+    assert local_ray_seen["worker_niceness"] == local_ray_seen["driver_niceness"]
 
 
 WORKER_REUSE_SCRIPT = """
