@@ -9,8 +9,8 @@ In one run on the same synthetic videos (built-in encoder unless ``--encoder``),
   do together: they share caches, memory bandwidth and the processor's power budget); once a repeat;
 - the work bound: cores / (decode s + encode s per video), what the cores could do with no overhead, from
   the one-core rates (the issue's targets) and from the rates at once;
-- each Ray stage alone: decode tasks (frames into the object store), and encoder actors fed frames
-  decoded beforehand, as a GPU cluster runs them;
+- each Ray stage alone: decode tasks, a CPU each on every CPU (frames into the object store), and
+  encoder actors fed frames decoded beforehand, as a GPU cluster runs them;
 - the pipeline: the job's Ray Data dataset as this machine's plan builds it (on CPUs, decoding and
   encoding in one actor a core), writing Parquet;
 - ``timerefine extract`` end to end (a fresh process: Python, Ray's start, workers, writing), and in one
@@ -41,7 +41,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import psutil
@@ -308,11 +308,14 @@ def measure(count: int, args, encoder_ref, settings: DecodeSettings) -> tuple[di
 
     storage = Storage()
     with ray_connection(ClusterOptions()):
-        compute = plan_extraction(ClusterResources.of_running_cluster(), args.encoders)
+        resources = ClusterResources.of_running_cluster()
+        compute = plan_extraction(resources, args.encoders)
         rates["plan"] = compute.describe()
+        # The decode stage alone has every CPU, as decode nodes give it (this machine's plan fuses it).
+        decoding = replace(compute, decode_parallelism=max(1, int(resources.cpus)))
         for repeat in range(args.repeats):
             decoded: list = []
-            wall, steady = stream(add_decoding(video_dataset(videos), storage, settings, compute), decoded)
+            wall, steady = stream(add_decoding(video_dataset(videos), storage, settings, decoding), decoded)
             results[DECODE].walls.append(wall)
             results[DECODE].steady.append(steady)
             stages = [ENCODE, PIPELINE] if repeat % 2 == 0 else [PIPELINE, ENCODE]

@@ -4,9 +4,10 @@ A job that starts its own Ray (no ``--address``) starts it on 127.0.0.1 only (``
 socket of GCS, raylet, workers, agents and dashboard binds the loopback interface, so a laptop running
 ``timerefine extract`` serves nothing to its network.
 
-Feature extraction has three stages with different needs. Decoding is a CPU task a video. Encoding is
-an actor pool, because an encoder is slow to load and should load once per actor; on GPUs, one actor a
-GPU. Writing is a light task a batch of videos. The numbers below are chosen for two situations:
+Feature extraction has three stages with different needs. Decoding is CPU tasks of many videos each,
+lasting seconds. Encoding is an actor pool, because an encoder is slow to load and should load once per
+actor; on GPUs, one actor a GPU. Writing is a light task a batch of videos. The numbers below are chosen
+for two situations:
 
 - GPU clusters: one encoder per ``gpus_per_encoder`` GPUs, each with a CPU to feed it; every other
   CPU decodes.
@@ -52,12 +53,22 @@ from .jobs import ClusterOptions, interrupt_on_sigterm, job_env
 # together while decoding a 480x270 clip to 224 px (measured); the rest is headroom for larger videos.
 DECODE_TASK_MEMORY = 512 * 1024 * 1024
 
-# Videos one decode task takes: Ray Data's cost of a task (the driver's scheduling, the worker's Arrow block
-# and object-store put) is paid once for several. Decoding 400 videos in Ray tasks on 2 cores went from
-# 852-905 to 1298-1311 frames/s with 8 a task instead of 1. A block holds at most DECODE_BLOCK_BYTES of
-# frames (8 videos at 128 px, 4 at 224 px), so that a task's memory stays inside DECODE_TASK_MEMORY's
-# headroom and within Ray Data's default target block size.
-DECODE_VIDEOS_PER_TASK = 8
+# Videos one decode task takes. Ray Data's cost of a task (the driver's scheduling, the worker's Arrow block
+# and object-store put) is paid once for several: decoding 400 videos on 2 cores went from 852-905 to
+# 1298-1311 frames/s with 8 a task instead of 1. And a CPU stays idle between one task's end and the next
+# one's start: Ray Data's executor looks for finished tasks every 0.1 s and only then starts the next, and
+# workers timed inside their tasks waited a median 0.09-0.21 s for it, a fifth to a third of an 8-video
+# task's 0.45 s. A task therefore decodes for seconds (up to 48 videos), handing its frames on a block at a
+# time as it goes (``decode_stage`` is a generator), so that it never holds more than about one block:
+# decoding 400 videos in 1-CPU tasks on 2 cores went from 55% to 80% of what the cores decode in process
+# with 48 a task instead of 8 (median of 2 alternating runs). With fewer videos than that per decode CPU,
+# each task takes an equal share, so that no CPU waits for one that took them all.
+DECODE_VIDEOS_PER_TASK = 48
+# A block of decoded frames: at most 8 videos or DECODE_BLOCK_BYTES (8 videos at 128 px, 4 at 224 px), so
+# that a task's memory stays inside DECODE_TASK_MEMORY's headroom. Ray Data joins a task's blocks until
+# they pass its target block size, which the extraction's datasets set to the same bytes (blocks stay
+# under twice that: Ray Data's default target).
+DECODE_VIDEOS_PER_BLOCK = 8
 DECODE_BLOCK_BYTES = 64 * 1024 * 1024
 
 # Nodes carrying this label (cluster.yaml's CPU-only decode nodes) take every decode task, so that the CPUs
@@ -155,11 +166,12 @@ def _init_local_ray(env_vars: dict[str, str], num_cpus: int | None) -> str | Non
 
 
 # Idle workers a node keeps, per CPU. Ray's default keeps one a CPU and stops the rest after a second idle,
-# and then runs the next tasks in fewer workers or in new ones; but half-CPU decode tasks (small machines),
-# write tasks and actors run more workers than CPUs, and a new worker is a Python that imports Ray, pyarrow
-# and starts a decoder process. Decoding 96 videos in tasks on 2 cores, workers already warm: 9.8-10.5 s
-# with Ray's default (7 worker processes seen, a decoder process started anew), 7.4-7.7 s with 4 a CPU (no
-# new process), two alternating runs each. Only as many stay as were busy at once; the job's end stops them.
+# and then runs the next tasks in fewer workers or in new ones; but write tasks, actors and decode tasks
+# (half-CPU ones in the measurement below) run more workers than CPUs, and a new worker is a Python that
+# imports Ray, pyarrow and starts a decoder process. Decoding 96 videos in half-CPU tasks on 2 cores, workers
+# already warm: 9.8-10.5 s with Ray's default (7 worker processes seen, a decoder process started anew),
+# 7.4-7.7 s with 4 a CPU (no new process), two alternating runs each. Only as many stay as were busy at
+# once; the job's end stops them.
 IDLE_WORKERS_PER_CPU = 4
 
 
@@ -290,6 +302,7 @@ class ExtractionCompute:
     encoder_threads: int | None  # torch intra-op threads of a CPU encoder; None: torch's default
     write_num_cpus: float
     fused: bool = False  # decode inside the encoder actors (CPU encoders), not in tasks of their own
+    decode_parallelism: int = 1  # decode tasks the CPUs up now run at once, beside the encoders
     decode_label_selector: dict[str, str] | None = None
     shortfall: str | None = None  # what the encoders need beyond what is up now; None: they fit
 
@@ -301,9 +314,13 @@ class ExtractionCompute:
             args["label_selector"] = dict(self.decode_label_selector)
         return args
 
-    def videos_per_decode_task(self, frame_bytes_per_video: int) -> int:
-        """How many videos each decode task decodes (one Ray Data block of frames)."""
-        return max(1, min(DECODE_VIDEOS_PER_TASK, DECODE_BLOCK_BYTES // max(1, frame_bytes_per_video)))
+    def videos_per_decode_task(self, videos: int) -> int:
+        """How many videos each decode task decodes, of ``videos`` to decode in all."""
+        return max(1, min(DECODE_VIDEOS_PER_TASK, math.ceil(videos / self.decode_parallelism)))
+
+    def videos_per_decode_block(self, frame_bytes_per_video: int) -> int:
+        """How many videos' frames a decode task hands on at once (one Ray Data block)."""
+        return max(1, min(DECODE_VIDEOS_PER_BLOCK, DECODE_BLOCK_BYTES // max(1, frame_bytes_per_video)))
 
     def encode_args(self) -> dict:
         return _actor_pool_args(self.encoders, self.encoder_num_cpus, self.encoder_num_gpus)
@@ -345,16 +362,17 @@ def plan_extraction(
         gpus_flag="--gpus-per-encoder",
     )
     on_cpus = not pool.gpus_each
-    # Halve the decode tasks' share only on a small machine that is up, not for the nodes to come.
-    small = on_cpus and pool.shortfall is None and resources.cpus < 4
+    decode_num_cpus, write_num_cpus = 1.0, 0.25
+    free_cpus = resources.cpus - pool.size * pool.cpus_each - write_num_cpus
     return ExtractionCompute(
-        decode_num_cpus=0.5 if small else 1.0,
+        decode_num_cpus=decode_num_cpus,
         encoders=pool.size,
         encoder_num_cpus=pool.cpus_each,
         encoder_num_gpus=pool.gpus_each,
         encoder_threads=1 if on_cpus else None,
-        write_num_cpus=0.25,
+        write_num_cpus=write_num_cpus,
         fused=on_cpus,
+        decode_parallelism=max(1, math.floor(free_cpus / decode_num_cpus)),
         decode_label_selector=DECODE_NODE_LABEL if resources.decode_nodes and not on_cpus else None,
         shortfall=pool.shortfall,
     )

@@ -3,14 +3,14 @@
 Two doors, one job: ``timerefine extract ...`` and
 ``ray job submit --working-dir . -- python pipelines/extract_features.py ...``.
 
-The stream: list (driver) -> decode (CPU task a video, in a child process with a timeout) -> encode
-(actor pool, the encoder loaded once per actor) -> write (a Parquet part a batch of videos) -> the
-driver, which counts what was written and prints progress. Videos already in the output are skipped;
-failed ones are retried with ``--retry-errors`` (their error rows are removed first, so that every reader
-sees one row a video). The driver holds the output's writer lock (``timerefine.data.lock``) while it
-writes: a second job into the same output is refused, naming the first. The stages are library functions
-(``timerefine.decoder``, ``timerefine.encoders``, ``timerefine.features``); resources are chosen in
-``pipelines.compute``; this file wires them, and holds the Arrow batches that cross Ray's object store.
+The stream: list (driver) -> decode (CPU tasks of many videos, each decoded in a child process with a
+timeout) -> encode (actor pool, the encoder loaded once per actor) -> write (a Parquet part a batch of
+videos) -> the driver, which counts what was written and prints progress. Videos already in the output
+are skipped; failed ones are retried with ``--retry-errors`` (their error rows are removed first, so that
+every reader sees one row a video). The driver holds the output's writer lock (``timerefine.data.lock``)
+while it writes: a second job into the same output is refused, naming the first. The stages are library
+functions (``timerefine.decoder``, ``timerefine.encoders``, ``timerefine.features``); resources are chosen
+in ``pipelines.compute``; this file wires them, and holds the Arrow batches that cross Ray's object store.
 
 Exit status: 0 when at least one video is in the table, 1 when nothing succeeded, 2 when the input or
 output cannot be used (storage errors, a table written with another encoder) or the pipeline failed.
@@ -23,7 +23,7 @@ import logging
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -49,7 +49,7 @@ from timerefine.features import (
 from timerefine.video import BACKENDS, primary_decoder
 
 from . import jobs
-from .compute import ClusterResources, ExtractionCompute, plan_extraction, ray_connection
+from .compute import DECODE_BLOCK_BYTES, ClusterResources, ExtractionCompute, plan_extraction, ray_connection
 
 if TYPE_CHECKING:
     from ray.data import Dataset
@@ -374,13 +374,21 @@ class ExtractStage:
         )
 
 
-def decode_stage(videos: pa.Table, storage: Storage, settings: DecodeSettings) -> pa.Table:
+def decode_stage(
+    videos: pa.Table, storage: Storage, settings: DecodeSettings, videos_per_block: int
+) -> Iterator[pa.Table]:
+    """A task's videos, decoded and handed on ``videos_per_block`` at a time: the task lasts seconds, so the
+    idle moment between two tasks is rare, and holds no more than a block's frames while it runs."""
     decoder = shared_decoder(settings)  # one decoder process per Ray worker, reused across tasks
-    decoded = [
-        decode_video(video_id, uri, storage, decoder)
-        for video_id, uri in zip(videos["video_id"].to_pylist(), videos["uri"].to_pylist(), strict=True)
-    ]
-    return decoded_table(decoded)
+    video_ids, uris = videos["video_id"].to_pylist(), videos["uri"].to_pylist()
+    for start in range(0, len(video_ids), videos_per_block):
+        block = slice(start, start + videos_per_block)
+        yield decoded_table(
+            [
+                decode_video(video_id, uri, storage, decoder)
+                for video_id, uri in zip(video_ids[block], uris[block], strict=True)
+            ]
+        )
 
 
 def decoded_table(videos: list[DecodedVideo]) -> pa.Table:
@@ -483,11 +491,14 @@ def write_stage(features: pa.Table, output: str, storage: Storage) -> pa.Table:
 
 
 def video_dataset(todo: dict[str, str]) -> Dataset:
-    """One block a video: the decode tasks and the actors take them a few at a time."""
+    """One block a video: the decode tasks and the actors take them a few at a time. Blocks of the stages
+    after it pass ``DECODE_BLOCK_BYTES`` only by their last yield (``compute.videos_per_decode_block``)."""
     import ray
 
     items = [{"video_id": video_id, "uri": uri} for video_id, uri in todo.items()]
-    return ray.data.from_items(items, override_num_blocks=len(items))
+    dataset = ray.data.from_items(items, override_num_blocks=len(items))
+    dataset.context.target_max_block_size = DECODE_BLOCK_BYTES  # this dataset's and those made from it
+    return dataset
 
 
 def add_decoding(
@@ -495,10 +506,14 @@ def add_decoding(
 ) -> Dataset:
     return videos.map_batches(
         decode_stage,
-        batch_size=compute.videos_per_decode_task(settings.frame_bytes),
+        batch_size=compute.videos_per_decode_task(videos.count()),
         batch_format="pyarrow",
         zero_copy_batch=True,
-        fn_kwargs={"storage": storage, "settings": settings},
+        fn_kwargs={
+            "storage": storage,
+            "settings": settings,
+            "videos_per_block": compute.videos_per_decode_block(settings.frame_bytes),
+        },
         **compute.decode_args(),
     )
 

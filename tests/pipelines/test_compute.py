@@ -30,7 +30,6 @@ def test_an_explicit_cpu_request_on_an_empty_cluster_is_sized_for_the_nodes_to_c
     plan = plan_extraction(EMPTY_AUTOSCALING_CLUSTER, encoders=8, gpus_per_encoder=0)
 
     assert (plan.encoders, plan.encoder_num_gpus, plan.encoder_num_cpus, plan.encoder_threads) == (8, 0, 1, 1)
-    assert plan.decode_num_cpus == 1.0  # not the halved share of a small machine: none is up to be small
     assert "num_gpus" not in plan.encode_args()
     assert "(the encoders need 8 CPU; 0 CPU and 0 GPU are up now)" in plan.describe()
 
@@ -123,15 +122,21 @@ def test_impossible_requests_are_refused_even_when_explicit(plan, size_flag, gpu
         plan(EMPTY_AUTOSCALING_CLUSTER, 2, -1)
 
 
-def test_decode_tasks_take_several_videos_but_blocks_stay_bounded():
-    from pipelines.compute import DECODE_BLOCK_BYTES, DECODE_VIDEOS_PER_TASK
+def test_decode_tasks_take_seconds_of_videos_shared_out_over_the_cpus_in_bounded_blocks():
+    from pipelines.compute import DECODE_BLOCK_BYTES, DECODE_VIDEOS_PER_BLOCK, DECODE_VIDEOS_PER_TASK
     from timerefine.decoder import DecodeSettings
 
-    compute = plan_extraction(ClusterResources(cpus=16, gpus=1))
+    compute = plan_extraction(ClusterResources(cpus=16, gpus=1))  # one encoder: 1 CPU; writes 0.25
     small, vit_l = DecodeSettings(crop_size=128, resize_short=128), DecodeSettings(crop_size=224)
     huge = DecodeSettings(num_frames=2000, crop_size=448, resize_short=448)  # one video is over the budget
 
-    assert compute.videos_per_decode_task(small.frame_bytes) == DECODE_VIDEOS_PER_TASK == 8
-    assert compute.videos_per_decode_task(vit_l.frame_bytes) == 4  # 15 MB a video at 224 px
+    assert compute.decode_parallelism == 14
+    assert compute.videos_per_decode_task(10_000) == DECODE_VIDEOS_PER_TASK == 48
+    assert compute.videos_per_decode_task(140) == 10  # fewer than 48 a CPU: an equal share each
+    assert compute.videos_per_decode_task(3) == 1
+    assert compute.videos_per_decode_block(small.frame_bytes) == DECODE_VIDEOS_PER_BLOCK == 8
+    assert compute.videos_per_decode_block(vit_l.frame_bytes) == 4  # 15 MB a video at 224 px
     assert 4 * vit_l.frame_bytes <= DECODE_BLOCK_BYTES
-    assert compute.videos_per_decode_task(huge.frame_bytes) == 1
+    assert compute.videos_per_decode_block(huge.frame_bytes) == 1
+    waiting = plan_extraction(EMPTY_AUTOSCALING_CLUSTER, encoders=4, gpus_per_encoder=1)
+    assert waiting.decode_parallelism == 1  # nothing up yet: long tasks, whatever comes

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 import yaml
@@ -22,7 +23,7 @@ from s3server import prepare_seaweedfs, start_seaweedfs
 from pipelines import extract_features, jobs
 from pipelines.compute import DECODE_TASK_MEMORY, ClusterResources, plan_extraction
 from timerefine.data.storage import Storage
-from timerefine.decoder import DecodeSettings, IsolatedDecoder, decode_video
+from timerefine.decoder import DecodeSettings, IsolatedDecoder, decode_video, shared_decoder
 from timerefine.encoders import ClipImageEncoder, resolve_encoder
 from timerefine.features import (
     STATUS_ERROR,
@@ -249,7 +250,7 @@ def test_a_two_cpu_machine_decodes_and_encodes_in_one_actor_a_core_and_leaves_cp
 
     assert (plan.encoders, plan.encoder_num_cpus, plan.encoder_threads, plan.fused) == (2, 0.5, 1, True)
     assert plan.encoder_num_gpus == 0 and "num_gpus" not in plan.encode_args()
-    assert plan.encoders * plan.encoder_num_cpus + plan.decode_num_cpus + plan.write_num_cpus <= 2
+    assert plan.encoders * plan.encoder_num_cpus + plan.write_num_cpus <= 2  # no decode tasks: fused
     assert plan.decode_args()["memory"] == DECODE_TASK_MEMORY
     assert plan.encode_args()["compute"].min_size == plan.encode_args()["compute"].max_size == 2
 
@@ -309,6 +310,40 @@ def test_gpu_plans_decode_in_tasks_and_cpu_plans_in_the_encoder_actors(ray_clust
         assert "TaskPoolMapOperator[MapBatches(write_stage)]" in plan
 
 
+@pytest.mark.integration
+def test_the_gpu_layouts_separate_stages_run_end_to_end_on_cpus(ray_cluster, sample_videos, tmp_path):
+    """Decode tasks of several videos handing blocks to an encoder actor, as on GPU nodes (here on CPUs):
+    every video comes out once, with features or its reason, features equal to the fused layout's."""
+    names = (*GOOD, *BROKEN)
+    todo = {name: str(sample_videos[name]) for name in names}
+    settings = DecodeSettings(num_frames=NUM_FRAMES, resize_short=128, crop_size=128)
+    encoder = resolve_encoder(None)
+    fused = plan_extraction(ClusterResources(cpus=2, gpus=0), encoders=1)
+    # 1 decode CPU + half a CPU's encoder + a write task's quarter fit 2 CPUs; 2 decode tasks of 3 videos.
+    apart = replace(fused, fused=False, decode_parallelism=2)
+    assert apart.videos_per_decode_task(len(todo)) == 3
+    tables, features_of = {}, {}
+    for name, plan in (("apart", apart), ("fused", fused)):
+        output = tmp_path / name
+        features = extract_features.add_extraction(
+            extract_features.video_dataset(todo), Storage(), encoder, settings, plan, batch_size=8
+        )
+        written = extract_features.add_writing(features, str(output), Storage(), plan, videos_per_file=4)
+        statuses = Counter(row["status"] for row in written.take_all())
+        assert statuses == {STATUS_OK: len(GOOD), STATUS_ERROR: len(BROKEN)}
+        tables[name] = read_feature_table(str(output)).sort_by("video_id")
+        features_of[name] = load_features(str(output), dtype=np.float32)
+
+    assert tables["apart"].column("video_id").to_pylist() == sorted(names)  # each video once
+    assert tables["apart"].column("status") == tables["fused"].column("status")
+    assert tables["apart"].column("error") == tables["fused"].column("error")
+    assert sorted(features_of["apart"]) == sorted(features_of["fused"]) == sorted(GOOD)
+    apart_features, fused_features = (
+        np.stack([features_of[name][video].features for video in GOOD]) for name in ("apart", "fused")
+    )
+    np.testing.assert_allclose(apart_features, fused_features, atol=2e-3 * np.abs(fused_features).max())
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The encode stage's Arrow batches, without Ray
 
@@ -320,6 +355,37 @@ def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> ClipImageEncoder:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TIMEREFINE_HOME", str(tmp_path_factory.mktemp("timerefine_home")))
         return ClipImageEncoder(None, threads=1)
+
+
+def test_a_decode_task_hands_its_videos_on_a_block_at_a_time_in_order(sample_videos):
+    names = ("counter_10fps", "not_video", "rotated_90", "zero_byte", "vfr_offset")
+    videos = pa.table({"video_id": list(names), "uri": [str(sample_videos[name]) for name in names]})
+    settings = DecodeSettings(num_frames=NUM_FRAMES, resize_short=128, crop_size=128)
+    try:
+        blocks = extract_features.decode_stage(videos, Storage(), settings, videos_per_block=2)
+        first = next(blocks)  # handed on before the task's other videos are decoded
+        assert first.column("video_id").to_pylist() == ["counter_10fps", "not_video"]
+        rest = list(blocks)
+    finally:
+        shared_decoder(settings).close()
+
+    assert [block.column("video_id").to_pylist() for block in rest] == [
+        ["rotated_90", "zero_byte"],
+        ["vfr_offset"],
+    ]
+    decoded = pa.concat_tables([first, *rest])
+    assert decoded.schema == extract_features.DECODED_SCHEMA
+    assert decoded.column("status").to_pylist() == [
+        STATUS_OK,
+        STATUS_ERROR,
+        STATUS_OK,
+        STATUS_ERROR,
+        STATUS_OK,
+    ]
+    _, frames = extract_features.decoded_videos(rest[1], 128, NUM_FRAMES)
+    expected = decode_video("vfr_offset", videos["uri"][4].as_py(), Storage(), shared_decoder(settings))
+    shared_decoder(settings).close()
+    np.testing.assert_array_equal(frames, expected.frames)
 
 
 def test_decoded_videos_cross_as_arrow_and_encode_into_the_feature_schema(tiny_encoder, sample_videos):
