@@ -64,12 +64,13 @@ DECODE_TASK_MEMORY = 512 * 1024 * 1024
 # with 48 a task instead of 8 (median of 2 alternating runs). With fewer videos than that per decode CPU,
 # each task takes an equal share, so that no CPU waits for one that took them all.
 DECODE_VIDEOS_PER_TASK = 48
-# A block of decoded frames: at most 8 videos or DECODE_BLOCK_BYTES (8 videos at 128 px, 4 at 224 px), so
-# that a task's memory stays inside DECODE_TASK_MEMORY's headroom. Ray Data joins a task's blocks until
-# they pass its target block size, which the extraction's datasets set to the same bytes (blocks stay
-# under twice that: Ray Data's default target).
+# What a decode task hands on at once: at most 8 videos or DECODE_BLOCK_BYTES of frames (6 videos at 128 px,
+# 2 at 224 px). Ray Data joins what a task hands on until it passes its target block size, which the
+# extraction's datasets set to the same bytes, so blocks stay under twice that (8-12 videos at 128 px),
+# about the size of the 8-video tasks' blocks before, and a task's memory inside DECODE_TASK_MEMORY's
+# headroom.
 DECODE_VIDEOS_PER_BLOCK = 8
-DECODE_BLOCK_BYTES = 64 * 1024 * 1024
+DECODE_BLOCK_BYTES = 32 * 1024 * 1024
 
 # Nodes carrying this label (cluster.yaml's CPU-only decode nodes) take every decode task, so that the CPUs
 # of GPU nodes stay free to feed their encoders. Clusters without such nodes decode wherever CPUs are free.

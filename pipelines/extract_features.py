@@ -491,8 +491,8 @@ def write_stage(features: pa.Table, output: str, storage: Storage) -> pa.Table:
 
 
 def video_dataset(todo: dict[str, str]) -> Dataset:
-    """One block a video: the decode tasks and the actors take them a few at a time. Blocks of the stages
-    after it pass ``DECODE_BLOCK_BYTES`` only by their last yield (``compute.videos_per_decode_block``)."""
+    """One block a video: the decode tasks and the actors take them a few at a time. The stages after it
+    make blocks under twice ``DECODE_BLOCK_BYTES``: Ray Data joins a task's outputs until they pass it."""
     import ray
 
     items = [{"video_id": video_id, "uri": uri} for video_id, uri in todo.items()]

@@ -134,9 +134,9 @@ def test_decode_tasks_take_seconds_of_videos_shared_out_over_the_cpus_in_bounded
     assert compute.videos_per_decode_task(10_000) == DECODE_VIDEOS_PER_TASK == 48
     assert compute.videos_per_decode_task(140) == 10  # fewer than 48 a CPU: an equal share each
     assert compute.videos_per_decode_task(3) == 1
-    assert compute.videos_per_decode_block(small.frame_bytes) == DECODE_VIDEOS_PER_BLOCK == 8
-    assert compute.videos_per_decode_block(vit_l.frame_bytes) == 4  # 15 MB a video at 224 px
-    assert 4 * vit_l.frame_bytes <= DECODE_BLOCK_BYTES
+    assert compute.videos_per_decode_block(small.frame_bytes) == 6  # 4.9 MB a video at 128 px
+    assert compute.videos_per_decode_block(vit_l.frame_bytes) == 2  # 15 MB a video at 224 px
+    assert compute.videos_per_decode_block(DECODE_BLOCK_BYTES // 100) == DECODE_VIDEOS_PER_BLOCK == 8
     assert compute.videos_per_decode_block(huge.frame_bytes) == 1
     waiting = plan_extraction(EMPTY_AUTOSCALING_CLUSTER, encoders=4, gpus_per_encoder=1)
     assert waiting.decode_parallelism == 1  # nothing up yet: long tasks, whatever comes

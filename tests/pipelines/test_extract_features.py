@@ -21,7 +21,7 @@ import yaml
 from s3server import prepare_seaweedfs, start_seaweedfs
 
 from pipelines import extract_features, jobs
-from pipelines.compute import DECODE_TASK_MEMORY, ClusterResources, plan_extraction
+from pipelines.compute import DECODE_BLOCK_BYTES, DECODE_TASK_MEMORY, ClusterResources, plan_extraction
 from timerefine.data.storage import Storage
 from timerefine.decoder import DecodeSettings, IsolatedDecoder, decode_video, shared_decoder
 from timerefine.encoders import ClipImageEncoder, resolve_encoder
@@ -342,6 +342,21 @@ def test_the_gpu_layouts_separate_stages_run_end_to_end_on_cpus(ray_cluster, sam
         np.stack([features_of[name][video].features for video in GOOD]) for name in ("apart", "fused")
     )
     np.testing.assert_allclose(apart_features, fused_features, atol=2e-3 * np.abs(fused_features).max())
+
+
+@pytest.mark.integration
+def test_a_long_decode_task_hands_on_blocks_of_bounded_size(ray_cluster, sample_videos):
+    """Six 224-px videos in one task, handed on two at a time (30 MB): Ray Data joins and splits them into
+    blocks under twice DECODE_BLOCK_BYTES (with its default target, 128 MB, they would leave as one 90 MB)."""
+    settings = DecodeSettings(num_frames=100)  # 224 px: 15 MB a video
+    plan = plan_extraction(ClusterResources(cpus=2, gpus=1))  # 1 CPU left to decode: one task for all
+    assert plan.videos_per_decode_task(6) == 6 and plan.videos_per_decode_block(settings.frame_bytes) == 2
+    todo = {f"copy{index}": str(sample_videos["counter_10fps"]) for index in range(6)}
+    decoded = extract_features.add_decoding(extract_features.video_dataset(todo), Storage(), settings, plan)
+    bundles = list(decoded.iter_internal_ref_bundles())
+
+    assert sum(bundle.num_rows() for bundle in bundles) == 6 and len(bundles) > 1
+    assert all(bundle.size_bytes() < 2 * DECODE_BLOCK_BYTES for bundle in bundles)
 
 
 # ---------------------------------------------------------------------------------------------------------
