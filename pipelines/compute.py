@@ -60,9 +60,10 @@ DECODE_TASK_MEMORY = 512 * 1024 * 1024
 # workers timed inside their tasks waited a median 0.09-0.21 s for it, a fifth to a third of an 8-video
 # task's 0.45 s. A task therefore decodes for seconds (up to 48 videos), handing its frames on a block at a
 # time as it goes (``decode_stage`` is a generator), so that it never holds more than about one block:
-# decoding 400 videos in 1-CPU tasks on 2 cores went from 55% to 80% of what the cores decode in process
-# with 48 a task instead of 8 (median of 2 alternating runs). With fewer videos than that per decode CPU,
-# each task takes an equal share, so that no CPU waits for one that took them all.
+# decoding 400 videos in 1-CPU tasks on 2 cores went from 62% to 80% of one core's in-process rate x 2 (69%
+# to 89% of both cores decoding at once) with 48 a task instead of 8, median of 3 alternating runs. With
+# fewer videos than that per decode CPU, each task takes an equal share, so that no CPU waits for one that
+# took them all.
 DECODE_VIDEOS_PER_TASK = 48
 # What a decode task hands on at once: at most 8 videos or DECODE_BLOCK_BYTES of frames (6 videos at 128 px,
 # 2 at 224 px). Ray Data joins what a task hands on until it passes its target block size, which the
