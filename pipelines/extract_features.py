@@ -363,10 +363,7 @@ class ExtractStage:
         self.table_decoder = primary_decoder(settings.decoder)
 
     def __call__(self, videos: pa.Table) -> pa.Table:
-        decoded = [
-            decode_video(video_id, uri, self.storage, self.decoder)
-            for video_id, uri in zip(videos["video_id"].to_pylist(), videos["uri"].to_pylist(), strict=True)
-        ]
+        decoded = decode_videos(videos, self.storage, self.decoder)
         ok = [video.frames for video in decoded if video.ok]
         frames = ok[0] if len(ok) == 1 else np.concatenate(ok) if ok else None
         return encode_videos(
@@ -380,15 +377,16 @@ def decode_stage(
     """A task's videos, decoded and handed on ``videos_per_block`` at a time: the task lasts seconds, so the
     idle moment between two tasks is rare, and holds no more than a block's frames while it runs."""
     decoder = shared_decoder(settings)  # one decoder process per Ray worker, reused across tasks
-    video_ids, uris = videos["video_id"].to_pylist(), videos["uri"].to_pylist()
-    for start in range(0, len(video_ids), videos_per_block):
-        block = slice(start, start + videos_per_block)
-        yield decoded_table(
-            [
-                decode_video(video_id, uri, storage, decoder)
-                for video_id, uri in zip(video_ids[block], uris[block], strict=True)
-            ]
-        )
+    for start in range(0, videos.num_rows, videos_per_block):
+        yield decoded_table(decode_videos(videos.slice(start, videos_per_block), storage, decoder))
+
+
+def decode_videos(videos: pa.Table, storage: Storage, decoder: IsolatedDecoder) -> list[DecodedVideo]:
+    """The rows (``video_id``, ``uri``) of a batch of videos, decoded one after another."""
+    return [
+        decode_video(video_id, uri, storage, decoder)
+        for video_id, uri in zip(videos["video_id"].to_pylist(), videos["uri"].to_pylist(), strict=True)
+    ]
 
 
 def decoded_table(videos: list[DecodedVideo]) -> pa.Table:
