@@ -94,9 +94,10 @@ def prepare_local_ray(cluster: ClusterOptions) -> None:
 @contextmanager
 def ray_connection(
     cluster: ClusterOptions, enabled: bool = True, num_cpus: int | None = None
-) -> Iterator[None]:
+) -> Iterator[str | None]:
     """Connect to the Ray cluster at ``cluster.address`` for the duration of a job, or start a local one
-    on 127.0.0.1 (``num_cpus``: how many CPUs it advertises; default all).
+    on 127.0.0.1 (``num_cpus``: how many CPUs it advertises; default all), with Ray's dashboard where
+    ``cluster.dashboard`` asks for it (its address is printed, and yielded; otherwise None).
 
     A job called from a process already connected (the demo, a test, a notebook) uses that connection and
     leaves it open; a job that connected itself disconnects at the end, failed or interrupted, which for a
@@ -108,13 +109,15 @@ def ray_connection(
     import ray
 
     started = enabled and not ray.is_initialized()
-    dashboard = None
+    dashboard: str | None = None
     try:  # an interrupt while Ray starts shuts down what had started, too
         if started:
             if cluster.address is not None:
                 ray.init(address=cluster.address, runtime_env={"env_vars": job_env(cluster)})
             else:
-                dashboard = _init_local_ray(job_env(cluster), num_cpus)
+                dashboard = _init_local_ray(job_env(cluster), num_cpus, cluster.dashboard)
+                if dashboard:
+                    print(f"[ray] local Ray on 127.0.0.1; its dashboard: http://{dashboard}", flush=True)
             interrupt_on_sigterm()
         yield dashboard
     finally:
@@ -122,8 +125,8 @@ def ray_connection(
             ray.shutdown()
 
 
-def _init_local_ray(env_vars: dict[str, str], num_cpus: int | None) -> str | None:
-    """A local Ray on 127.0.0.1 whose workers know its address.
+def _init_local_ray(env_vars: dict[str, str], num_cpus: int | None, dashboard: bool) -> str | None:
+    """A local Ray on 127.0.0.1 whose workers know its address; its dashboard's address, if it serves one.
 
     Its GCS port is chosen here so that every worker can be told its cluster's address: Ray Train's
     helpers otherwise look the cluster up by scanning the machine's processes, and fail when another Ray
@@ -154,7 +157,7 @@ def _init_local_ray(env_vars: dict[str, str], num_cpus: int | None) -> str | Non
         context = ray.init(
             address="local",
             num_cpus=num_cpus or usable_cpus(),
-            include_dashboard=True,
+            include_dashboard=dashboard,
             dashboard_host="127.0.0.1",
             logging_config=ray.LoggingConfig(log_level="ERROR"),
         )
@@ -164,7 +167,7 @@ def _init_local_ray(env_vars: dict[str, str], num_cpus: int | None) -> str | Non
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-    return context.dashboard_url
+    return context.dashboard_url or None  # "" without one
 
 
 # Idle workers a node keeps, per CPU. Ray's default keeps one a CPU and stops the rest after a second idle,

@@ -102,6 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--learning-rate", "--lr", type=float, default=defaults.learning_rate, help="peak learning rate"
     )
+    jobs.add_dashboard_argument(parser)
     jobs.add_storage_arguments(parser)
 
 
@@ -124,14 +125,9 @@ def run(config: DemoConfig) -> DemoResult:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"ray\.data\.")  # actor-pool sizing tips
     stages = StageClock()
     print(f"[demo] writing everything to {workdir}", flush=True)
-    with ray_connection(config.cluster) as dashboard:
+    with ray_connection(config.cluster):
         import ray
 
-        if dashboard:
-            print(
-                f"[demo] local Ray cluster started on 127.0.0.1; its dashboard: http://{dashboard}",
-                flush=True,
-            )
         ray.data.DataContext.get_current().enable_progress_bars = False  # the jobs print their own
         benchmark = stages.run("synthesise the benchmark", lambda: _synthesise(workdir, config))
         stages.run("extract features", lambda: _extract(workdir, benchmark, config))

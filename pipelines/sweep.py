@@ -26,7 +26,8 @@ Everything lands under one storage path (local folder or ``s3://``), ``<storage>
 
 Running the same command again continues an interrupted sweep (``Tuner.restore``): finished trials are
 kept, unfinished ones resume from their Train run's last checkpoint. TensorBoard reads
-``tensorboard --logdir <storage>/<name>``; each trial's Train run appears in Ray's dashboard.
+``tensorboard --logdir <storage>/<name>``; each trial's Train run appears in Ray's dashboard (a cluster's,
+or a local Ray's started with ``--dashboard``).
 
 Exit status: 0 when every trial finished, 1 when some trial failed (the report is still written), 2 when
 the configuration or the data cannot be used.
