@@ -148,7 +148,9 @@ def test_every_socket_of_a_local_job_listens_on_loopback_only(videos: Path, tmp_
             dashboard_answered = dashboard_answered or answers(dashboard_address(job.stdout))
             assert time.monotonic() < deadline, "the extraction did not finish within 600 s"
             time.sleep(0.5)
-    assert job.process.returncode == 0, job.stderr[-3000:]
+        assert job.process.returncode == 0, job.stderr[-3000:]
+        _, alive = psutil.wait_procs(job.tree.alive(), timeout=STOP_WITHIN_S)  # its Ray stopped with it
+        assert not alive, f"still running after the job: {[p.cmdline()[:2] for p in alive if p.is_running()]}"
     assert dashboard_answered, f"the dashboard never answered at its printed address\n{job.stdout[-3000:]}"
     assert "16 ok, 0 failed" in job.stdout + job.stderr
     assert seen, "no listening socket was seen: the watch did not see Ray at all"
