@@ -99,8 +99,8 @@ class ClusterOptions:
     endpoint_url: str | None = None  # an S3-compatible endpoint (else AWS_ENDPOINT_URL, else AWS)
     verbose: bool = False  # keep Ray's and the libraries' own log lines and progress bars
     # A local Ray serves Ray's dashboard too (on 127.0.0.1); a cluster serves its own either way. Off by
-    # default: its server and its modules' processes cost extracting 96 videos on 2 cores 2 s of 22
-    # (README, "Where a short job's fixed costs go"), and no job but the demo showed its address.
+    # default: its server and its modules' processes cost extracting 96 videos on 2 cores 1-2 s of 22
+    # (docs/extraction-performance.md, "A lean local Ray"), and no job but the demo showed its address.
     dashboard: bool = False
 
     def storage(self) -> Storage:
