@@ -93,11 +93,16 @@ def prepare_local_ray(cluster: ClusterOptions) -> None:
 
 @contextmanager
 def ray_connection(
-    cluster: ClusterOptions, enabled: bool = True, num_cpus: int | None = None
+    cluster: ClusterOptions, enabled: bool = True, num_cpus: int | None = None, state_api: bool = False
 ) -> Iterator[str | None]:
     """Connect to the Ray cluster at ``cluster.address`` for the duration of a job, or start a local one
-    on 127.0.0.1 (``num_cpus``: how many CPUs it advertises; default all), with Ray's dashboard where
-    ``cluster.dashboard`` asks for it (its address is printed, and yielded; otherwise None).
+    on 127.0.0.1 (``num_cpus``: how many CPUs it advertises; default all).
+
+    A local Ray serves Ray's dashboard (its address printed, and yielded; otherwise None) where
+    ``cluster.dashboard`` asks for it or the job needs Ray's state API, which the dashboard serves
+    (``state_api``): Ray Train does, its placement-group cleaner asking it whether the run's controller
+    still lives. Ray Data jobs start without it: its server and its modules' processes cost extracting
+    96 videos on 2 cores 1-2 s of 22 (docs/extraction-performance.md, "A lean local Ray").
 
     A job called from a process already connected (the demo, a test, a notebook) uses that connection and
     leaves it open; a job that connected itself disconnects at the end, failed or interrupted, which for a
@@ -115,7 +120,7 @@ def ray_connection(
             if cluster.address is not None:
                 ray.init(address=cluster.address, runtime_env={"env_vars": job_env(cluster)})
             else:
-                dashboard = _init_local_ray(job_env(cluster), num_cpus, cluster.dashboard)
+                dashboard = _init_local_ray(job_env(cluster), num_cpus, cluster.dashboard or state_api)
                 if dashboard:
                     print(f"[ray] local Ray on 127.0.0.1; its dashboard: http://{dashboard}", flush=True)
             interrupt_on_sigterm()

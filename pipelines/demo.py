@@ -102,7 +102,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--learning-rate", "--lr", type=float, default=defaults.learning_rate, help="peak learning rate"
     )
-    jobs.add_dashboard_argument(parser)
     jobs.add_storage_arguments(parser)
 
 
@@ -125,7 +124,7 @@ def run(config: DemoConfig) -> DemoResult:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"ray\.data\.")  # actor-pool sizing tips
     stages = StageClock()
     print(f"[demo] writing everything to {workdir}", flush=True)
-    with ray_connection(config.cluster):
+    with ray_connection(config.cluster, state_api=True):  # it trains
         import ray
 
         ray.data.DataContext.get_current().enable_progress_bars = False  # the jobs print their own

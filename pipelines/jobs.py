@@ -98,9 +98,8 @@ class ClusterOptions:
     address: str | None = None  # a Ray cluster; None: a local one on 127.0.0.1 (``cluster_address``)
     endpoint_url: str | None = None  # an S3-compatible endpoint (else AWS_ENDPOINT_URL, else AWS)
     verbose: bool = False  # keep Ray's and the libraries' own log lines and progress bars
-    # A local Ray serves Ray's dashboard too (on 127.0.0.1); a cluster serves its own either way. Off by
-    # default: its server and its modules' processes cost extracting 96 videos on 2 cores 1-2 s of 22
-    # (docs/extraction-performance.md, "A lean local Ray"), and no job but the demo showed its address.
+    # A local Ray serves Ray's dashboard (on 127.0.0.1) even for a job that does not need it
+    # (``compute.ray_connection``: jobs that train always start it); a cluster serves its own either way.
     dashboard: bool = False
 
     def storage(self) -> Storage:
@@ -117,16 +116,12 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray on 127.0.0.1)"
     )
-    add_dashboard_argument(group)
-    add_storage_arguments(group)
-
-
-def add_dashboard_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
+    group.add_argument(
         "--dashboard",
         action="store_true",
-        help="a local Ray also serves Ray's dashboard on 127.0.0.1 and prints its address",
+        help="a local Ray serves Ray's dashboard on 127.0.0.1 (jobs that train always do)",
     )
+    add_storage_arguments(group)
 
 
 def cluster_address(flag: str | None) -> str | None:

@@ -26,8 +26,7 @@ Everything lands under one storage path (local folder or ``s3://``), ``<storage>
 
 Running the same command again continues an interrupted sweep (``Tuner.restore``): finished trials are
 kept, unfinished ones resume from their Train run's last checkpoint. TensorBoard reads
-``tensorboard --logdir <storage>/<name>``; each trial's Train run appears in Ray's dashboard (a cluster's,
-or a local Ray's started with ``--dashboard``).
+``tensorboard --logdir <storage>/<name>``; each trial's Train run appears in Ray's dashboard.
 
 Exit status: 0 when every trial finished, 1 when some trial failed (the report is still written), 2 when
 the configuration or the data cannot be used.
@@ -364,7 +363,7 @@ def run(job: SweepJobConfig) -> SweepResult:
     claim_sweep_folder(config, experiment_uri, storage)
 
     written = None
-    with ray_connection(job.cluster):
+    with ray_connection(job.cluster, state_api=True):
         failed = fit(config, experiment_uri, storage)
         if not job.no_report:
             evaluate_best_trial(config, experiment_uri, storage, job.cluster)

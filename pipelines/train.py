@@ -187,7 +187,7 @@ def run(config: TrainJobConfig) -> TrainResult:
     jobs.check_output_folder(config.output, storage)
     _announce_resume(config, storage, say)
     try:
-        with ray_connection(config.cluster, enabled=not config.resources.local_mode):
+        with ray_connection(config.cluster, enabled=not config.resources.local_mode, state_api=True):
             result = fit(config, storage)
     except Exception as error:  # a failed run: its checkpoints stay, a rerun resumes
         logger.exception("training failed")

@@ -254,8 +254,35 @@ def test_a_local_rays_workers_inherit_the_job_env_and_the_driver_keeps_none_of_i
 
 
 def test_a_local_ray_serves_no_dashboard_unless_asked(local_ray_seen) -> None:
-    # Its server and its modules' processes cost extracting 96 videos on 2 cores 2 s of 22 (README).
+    # Its server and its modules' processes cost extracting 96 videos on 2 cores 1-2 s of 22.
     assert local_ray_seen["dashboard"] is None
+
+
+STATE_API_SCRIPT = """
+import json, ray
+from ray.util.state import list_actors
+from pipelines.compute import ray_connection
+from pipelines.jobs import ClusterOptions
+
+@ray.remote(num_cpus=0)
+class Ping:
+    def ping(self):
+        return True
+
+with ray_connection(ClusterOptions(), num_cpus=1, state_api=True) as dashboard:
+    ping = Ping.remote()
+    ray.get(ping.ping.remote())
+    alive = [actor.state for actor in list_actors() if actor.class_name == "Ping"]
+print(json.dumps({"dashboard": dashboard, "alive": alive}))
+"""
+
+
+def test_a_job_that_trains_gets_the_state_api_ray_train_asks() -> None:
+    # Ray Train's placement-group cleaner asks the state API, served by the dashboard, whether the run's
+    # controller lives; without it the call fails ("Failed to connect to API server").
+    seen = _last_json_line_of(STATE_API_SCRIPT)
+    assert seen["dashboard"].startswith("127.0.0.1:")
+    assert seen["alive"] == ["ALIVE"]
 
 
 def test_a_local_rays_workers_run_at_the_drivers_priority(local_ray_seen) -> None:
