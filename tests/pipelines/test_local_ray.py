@@ -269,17 +269,23 @@ class Ping:
     def ping(self):
         return True
 
+@ray.remote(num_cpus=0)
+def states():  # asked from a worker, as Ray Train's cleaner (an actor) asks
+    return [actor.state for actor in list_actors() if actor.class_name == "Ping"]
+
 with ray_connection(ClusterOptions(), num_cpus=1, state_api=True) as dashboard:
     ping = Ping.remote()
     ray.get(ping.ping.remote())
-    alive = [actor.state for actor in list_actors() if actor.class_name == "Ping"]
+    alive = ray.get(states.remote())
 print(json.dumps({"dashboard": dashboard, "alive": alive}))
 """
 
 
 def test_a_job_that_trains_gets_the_state_api_ray_train_asks() -> None:
-    # Ray Train's placement-group cleaner asks the state API, served by the dashboard, whether the run's
-    # controller lives; without it the call fails ("Failed to connect to API server").
+    # Ray Train's placement-group cleaner, an actor, asks the state API, served by the dashboard, whether
+    # the run's controller lives; without it the call fails ("Failed to connect to API server"). From a
+    # worker, whose RAY_ADDRESS names its own Ray, the call finds it with another Ray beside it (the
+    # driver, whose environment keeps no RAY_ADDRESS, would scan the machine and find both).
     seen = _last_json_line_of(STATE_API_SCRIPT)
     assert seen["dashboard"].startswith("127.0.0.1:")
     assert seen["alive"] == ["ALIVE"]
