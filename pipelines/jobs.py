@@ -98,8 +98,8 @@ class ClusterOptions:
     address: str | None = None  # a Ray cluster; None: a local one on 127.0.0.1 (``cluster_address``)
     endpoint_url: str | None = None  # an S3-compatible endpoint (else AWS_ENDPOINT_URL, else AWS)
     verbose: bool = False  # keep Ray's and the libraries' own log lines and progress bars
-    # A local Ray serves Ray's dashboard (on 127.0.0.1) even for a job that does not need it
-    # (``compute.ray_connection``: jobs that train always start it); a cluster serves its own either way.
+    # Serve Ray's dashboard from a local Ray (on 127.0.0.1) even where the job does not need it; jobs that
+    # train always start it (``compute.ray_connection``), and a cluster serves its own either way.
     dashboard: bool = False
 
     def storage(self) -> Storage:
