@@ -126,20 +126,18 @@ def ray_connection(
             interrupt_on_sigterm()
         yield dashboard
     finally:
-        if started and cluster.address is None:
-            _stop_local_ray()
-        elif started:
-            ray.shutdown()
+        if started:
+            _shutdown()
 
 
-def _stop_local_ray() -> None:
-    """``ray.shutdown()`` of the Ray this process started, without its one-second wait.
+def _shutdown() -> None:
+    """``ray.shutdown()``, without its one-second wait when it stops a Ray this process started.
 
     Ray stops its GCS before its autoscaler monitor, whose SIGTERM handler then blocks writing to the
     stopped GCS (a stack dump of the monitor: ``_internal_kv_put`` in ``Monitor._handle_failure``) until
     Ray kills it a second later: ``ray.shutdown()`` took 1.4 s, 0.4 s with the monitor killed first. A local
-    Ray's monitor has no nodes to add or remove, so it goes first; where Ray's internals have moved, the
-    plain shutdown runs.
+    Ray's monitor has no nodes to add or remove, so it goes first. Connected to a cluster, this process
+    started no monitor and the list is empty; where Ray's internals have moved, the plain shutdown runs.
     """
     import ray
 
