@@ -58,7 +58,13 @@ from timerefine.training import TrainConfig
 
 from . import jobs, report
 from .compute import TRIAL_DRIVER_RESOURCES, TrainResources, max_concurrent_runs, ray_connection
-from .train import SELECTION_METRIC, TrainJobConfig, build_trainer
+from .train import (
+    SELECTION_METRIC,
+    TrainJobConfig,
+    build_trainer,
+    checkpointed_metrics,
+    whole_epoch_checkpoints,
+)
 
 NAME = "sweep"
 logger = logging.getLogger("timerefine.sweep")
@@ -288,6 +294,12 @@ def run_trial(variant: dict[str, Any], settings: TrialSettings) -> None:
 
     The Train run lives in the trial's folder under a fixed name, so a trial restored after an interruption
     continues its run from the last checkpoint instead of starting over.
+
+    A restored trial first reports its checkpointed epochs again: the sweep's driver may have died after
+    a checkpoint and before Tune recorded its epoch, which would otherwise be missing from the trial's
+    results (the report keeps one row an epoch; TensorBoard shows such an epoch twice). A trial with every
+    epoch checkpointed stops there: its Train run would report nothing, and Tune fails a sweep whose trial
+    ends without the metric.
     """
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -302,6 +314,14 @@ def run_trial(variant: dict[str, Any], settings: TrialSettings) -> None:
         name=TRAIN_RUN_NAME,
         resources=TrainResources(resources.workers, resources.cpus_per_worker, resources.gpus_per_worker),
     )
+    checkpointed = whole_epoch_checkpoints(job.run_uri, settings.storage)
+    if checkpointed:
+        metrics = checkpointed_metrics(job.run_uri, settings.storage)
+        for epoch in checkpointed:
+            if epoch in metrics:
+                ray.tune.report(metrics[epoch])
+    if job.train.epochs in checkpointed:
+        return
     build_trainer(job, settings.storage, callbacks=[TuneReportCallback()]).fit()
 
 
