@@ -43,6 +43,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -101,8 +102,11 @@ def ray_connection(
     A local Ray serves Ray's dashboard (its address printed, and yielded; otherwise None) where
     ``cluster.dashboard`` asks for it or the job needs Ray's state API, which the dashboard serves
     (``state_api``): Ray Train does, its placement-group cleaner asking it whether the run's controller
-    still lives. Ray Data jobs start without it: its server and its modules' processes cost extracting
-    96 videos on 2 cores 1-2 s of 22 (docs/extraction-performance.md, "A lean local Ray").
+    still lives (without it the cleaner, a detached actor, never learns that the run ended: each run leaves
+    one polling every second for ever, 200 MB and 1% of a core measured here). A cluster the job connects
+    to without a dashboard gets a warning. Ray Data jobs start without it: its server and its modules'
+    processes cost extracting 96 videos on 2 cores 1-2 s of 22 (docs/extraction-performance.md, "A lean
+    local Ray").
 
     A job called from a process already connected (the demo, a test, a notebook) uses that connection and
     leaves it open; a job that connected itself disconnects at the end, failed or interrupted, which for a
@@ -118,7 +122,16 @@ def ray_connection(
     try:  # an interrupt while Ray starts shuts down what had started, too
         if started:
             if cluster.address is not None:
-                ray.init(address=cluster.address, runtime_env={"env_vars": job_env(cluster)})
+                context = ray.init(address=cluster.address, runtime_env={"env_vars": job_env(cluster)})
+                if state_api and not context.dashboard_url:
+                    print(
+                        f"[ray] warning: the cluster at {cluster.address} serves no dashboard, so no state "
+                        "API: Ray Train's placement-group cleaner cannot tell when a run has ended, and each "
+                        "run leaves one polling for ever; start the cluster's head with "
+                        "--include-dashboard=true",
+                        file=sys.stderr,
+                        flush=True,
+                    )
             else:
                 dashboard = _init_local_ray(job_env(cluster), num_cpus, cluster.dashboard or state_api)
                 if dashboard:

@@ -31,6 +31,11 @@ def start_local_ray(
 ) -> str:
     """Start a local Ray in this process; returns the address subprocesses pass to ``ray.init``.
 
+    It serves Ray's dashboard, as a cluster's head does, for the state API it serves: every Ray Train run
+    starts a detached placement-group cleaner that asks it whether the run's controller lives. Without it
+    the cleaners never learned that their runs had ended, and each training test left one polling every
+    second for the rest of the session (200 MB, 1% of a core each).
+
     ``temp_dir`` holds Ray's sessions, sockets and logs (keep its path short: Unix socket paths are
     limited to about 107 characters) and timerefine's cache (``TIMEREFINE_HOME``), so a test session
     writes nothing to the home directory.
@@ -48,7 +53,8 @@ def start_local_ray(
     os.environ["TIMEREFINE_HOME"] = str(temp_dir / "timerefine")
     context = ray.init(
         num_cpus=num_cpus,
-        include_dashboard=False,
+        include_dashboard=True,  # Ray's state API, as on a cluster: Ray Train's cleaners ask it (below)
+        dashboard_host="127.0.0.1",
         object_store_memory=object_store_bytes,
         _temp_dir=str(temp_dir / ("ray" if attempt == 1 else f"ray{attempt}")),
     )
