@@ -325,29 +325,35 @@ def test_a_local_rays_workers_run_at_the_drivers_priority(local_ray_seen) -> Non
 
 
 WORKER_REUSE_SCRIPT = """
-import json, os, time
+import json, os, tempfile, time
 import ray
 from pipelines.compute import ray_connection
 from pipelines.jobs import ClusterOptions
 
 @ray.remote(num_cpus=0.5)
-def pid_after(seconds):
-    time.sleep(seconds)
+def pid_once_all_run(folder):  # returns when all 4 tasks of the wave run at once, in 4 workers
+    open(os.path.join(folder, str(os.getpid())), "w").close()
+    deadline = time.monotonic() + 60
+    while len(os.listdir(folder)) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
     return os.getpid()
 
 with ray_connection(ClusterOptions(), num_cpus=2):
     waves = []
     for _ in range(2):
-        waves.append(sorted(set(ray.get([pid_after.remote(0.5) for _ in range(4)]))))
+        folder = tempfile.mkdtemp()
+        waves.append(sorted(set(ray.get([pid_once_all_run.remote(folder) for _ in range(4)]))))
         time.sleep(2.5)  # idle past Ray's 1 s before it stops workers above its limit
 print(json.dumps(waves))
 """
 
 
 def test_a_local_rays_workers_outlive_a_pause_between_tasks() -> None:
-    # Four half-CPU tasks on 2 CPUs run in four workers. With Ray's default limit (one idle worker a CPU)
-    # two of them were stopped during the pause and the second wave ran two at a time in the two left
-    # (measured: pids [a, b, c, d] then [a, c]). Every wave must run in the same four workers.
+    # Four half-CPU tasks on 2 CPUs, each waiting for the others, run in four workers. With Ray's default
+    # limit (one idle worker a CPU) two of them were stopped during the pause (measured with tasks that
+    # slept 0.5 s instead: pids [a, b, c, d] then [a, c]), so the second wave needs two new ones. Every
+    # wave must run in the same four workers. (The sleeping tasks also ran in 3 workers when the fourth
+    # started late on a loaded machine: the wait for the others makes the first wave four.)
     first, second = _last_json_line_of(WORKER_REUSE_SCRIPT, unset=["RAY_num_workers_soft_limit"])
     assert len(first) == 4
     assert second == first
