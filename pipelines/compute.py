@@ -102,11 +102,12 @@ def ray_connection(
     A local Ray serves Ray's dashboard (its address printed, and yielded; otherwise None) where
     ``cluster.dashboard`` asks for it or the job needs Ray's state API, which the dashboard serves
     (``state_api``): Ray Train does, its placement-group cleaner asking it whether the run's controller
-    still lives (without it the cleaner, a detached actor, never learns that the run ended: each run leaves
-    one polling every second for ever, 200 MB and 1% of a core measured here). A cluster the job connects
-    to without a dashboard gets a warning. Ray Data jobs start without it: its server and its modules'
-    processes cost extracting 96 videos on 2 cores 1-2 s of 22 (docs/extraction-performance.md, "A lean
-    local Ray").
+    still lives. Without it the cleaner, a detached actor, never learns that the run ended: under Tune a
+    finished trial's workers then stay reserved until the sweep's driver ends (bench/sweep_reservations.py:
+    a three-trial sweep on 2 CPUs never started its third), and each run leaves the cleaner polling every
+    second (200 MB, 1% of a core). A cluster the job connects to without a dashboard gets a warning.
+    Ray Data jobs start without it: its server and its modules' processes cost extracting 96 videos on 2
+    cores 1-2 s of 22 (docs/extraction-performance.md, "A lean local Ray").
 
     A job called from a process already connected (the demo, a test, a notebook) uses that connection and
     leaves it open; a job that connected itself disconnects at the end, failed or interrupted, which for a
@@ -126,9 +127,9 @@ def ray_connection(
                 if state_api and not context.dashboard_url:
                     print(
                         f"[ray] warning: the cluster at {cluster.address} serves no dashboard, so no state "
-                        "API: Ray Train's placement-group cleaner cannot tell when a run has ended, and each "
-                        "run leaves one polling for ever; start the cluster's head with "
-                        "--include-dashboard=true",
+                        "API: Ray Train cannot tell when a run has ended, so a sweep's finished trials keep "
+                        "their workers' resources reserved and each run leaves a cleaner process polling; "
+                        "start the cluster's head with --include-dashboard=true",
                         file=sys.stderr,
                         flush=True,
                     )

@@ -33,8 +33,10 @@ def start_local_ray(
 
     It serves Ray's dashboard, as a cluster's head does, for the state API it serves: every Ray Train run
     starts a detached placement-group cleaner that asks it whether the run's controller lives. Without it
-    the cleaners never learned that their runs had ended, and each training test left one polling every
-    second for the rest of the session (200 MB, 1% of a core each).
+    the cleaners never learned that their runs had ended: a sweep's finished trials kept their workers'
+    CPUs reserved (CI saw the killed-sweep test's continued sweep wait 400 s with a CPU still reserved
+    after it), and each training test left a cleaner polling for the rest of the session (200 MB, 1% of a
+    core each).
 
     ``temp_dir`` holds Ray's sessions, sockets and logs (keep its path short: Unix socket paths are
     limited to about 107 characters) and timerefine's cache (``TIMEREFINE_HOME``), so a test session
