@@ -39,13 +39,17 @@ _RACE = textwrap.dedent(
         barrier.wait()
         model, tokenizer = load_llm(DEFAULT_LLM)
         encoder = ClipImageEncoder(None, threads=1)
-        print(json.dumps({
+        line = json.dumps({
             "llm": resolve_llm(DEFAULT_LLM),
             "llm_weight_sum": float(model.get_input_embeddings().weight.double().sum()),
             "vocabulary": len(tokenizer),
             "encoder": encoder.ref.path,
             "encoder_dim": encoder.dim,
-        }), flush=True)
+        })
+        # One write a line: print() writes the text and its newline apart, which unbuffered
+        # (PYTHONUNBUFFERED) are two writes to the shared pipe, and another racer's line can land between.
+        sys.stdout.write(line + "\\n")
+        sys.stdout.flush()
 
     if __name__ == "__main__":
         fork = multiprocessing.get_context("fork")  # nothing ran in torch yet: no thread pool to inherit
