@@ -29,18 +29,18 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # every port on 127.0.0.1
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import ray  # noqa: E402  (after the environment it reads at import)
-from featurebench import write_feature_benchmark  # noqa: E402
+from featurebench import write_sweep_benchmark  # noqa: E402
+
+from pipelines import report  # noqa: E402
+from timerefine.data.storage import StorageError  # noqa: E402
 
 
 def trial_states(experiment: Path) -> list[str]:
-    import json
-
-    states = sorted(experiment.glob("experiment_state-*.json"))
+    """Each trial's status in Tune's newest saved experiment state (none before the first is saved)."""
     try:
-        document = json.loads(states[-1].read_text()) if states else {"trial_data": []}
-    except json.JSONDecodeError:  # being written
+        return sorted(trial.status for trial in report.read_results(str(experiment)).trials)
+    except StorageError:
         return []
-    return sorted(json.loads(state)["status"] for state, _ in document["trial_data"])
 
 
 def main() -> None:
@@ -56,11 +56,7 @@ def main() -> None:
     context = ray.init(
         num_cpus=2, include_dashboard=not args.no_dashboard, dashboard_host="127.0.0.1", log_to_driver=False
     )
-    benchmark = write_feature_benchmark(
-        folder / "benchmark", videos=6, queries_per_video=1, dim=16, encoder="tiny-test-encoder@0",
-        phrases=("the red circle moves", "a blue star spins", "the green box grows"),
-        video_prefix="video", window_starts=(0, 60), window_lengths=(15, 35), val_queries=2,
-    )  # fmt: skip
+    benchmark = write_sweep_benchmark(folder / "benchmark")
     sweep_file = folder / "three.yaml"
     sweep_file.write_text(
         yaml.safe_dump({

@@ -87,3 +87,23 @@ def _feature_row(video_id: str, ok: bool) -> dict:
         "status": STATUS_OK if ok else STATUS_ERROR,
         "error": None if ok else FAILED_DECODE_ERROR,
     }
+
+
+SWEEP_PHRASES = ("the red circle moves", "a blue star spins", "the green box grows")
+
+
+def write_sweep_benchmark(folder: Path) -> FeatureBenchmark:
+    """What the sweep tests and bench/sweep_reservations.py sweep on: 6 videos of 16-dimensional
+    features, one query each; the last 2 are val."""
+    return write_feature_benchmark(
+        folder,
+        videos=6,
+        queries_per_video=1,
+        dim=16,
+        encoder="tiny-test-encoder@0",
+        phrases=SWEEP_PHRASES,
+        video_prefix="video",
+        window_starts=(0, 60),
+        window_lengths=(15, 35),
+        val_queries=2,
+    )

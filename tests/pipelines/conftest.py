@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from featurebench import DURATION_S, FeatureBenchmark, write_feature_benchmark
+from featurebench import DURATION_S, FeatureBenchmark, write_feature_benchmark, write_sweep_benchmark
 from s3server import S3Server, running_seaweedfs
 
 from timerefine.data.annotations import Query
@@ -126,21 +126,8 @@ def trained_run(tiny_benchmark: TinyBenchmark, tmp_path_factory: pytest.TempPath
 # A tiny grounding benchmark for sweeps: a real feature table of a few videos, and train / val annotations
 # whose windows are where the features carry the query's direction.
 
-SWEEP_PHRASES = ("the red circle moves", "a blue star spins", "the green box grows")
-
 
 @pytest.fixture(scope="session")
 def sweep_benchmark(tmp_path_factory: pytest.TempPathFactory) -> FeatureBenchmark:
     """For the sweep tests: 6 videos of 16-dimensional features, one query each; the last 2 are val."""
-    return write_feature_benchmark(
-        tmp_path_factory.mktemp("sweep_benchmark"),
-        videos=6,
-        queries_per_video=1,
-        dim=16,
-        encoder="tiny-test-encoder@0",
-        phrases=SWEEP_PHRASES,
-        video_prefix="video",
-        window_starts=(0, 60),
-        window_lengths=(15, 35),
-        val_queries=2,
-    )
+    return write_sweep_benchmark(tmp_path_factory.mktemp("sweep_benchmark"))
