@@ -20,7 +20,8 @@ In one run on the same synthetic videos (built-in encoder unless ``--encoder``),
 
 then the ratios issue 13 sets targets for. Stage rates are steady rates, videos between the 10% and 90%
 marks of their outputs over the time between them (workers' start and the last stragglers left out, as
-the in-process rates leave out imports); wall times include everything. Each measurement is repeated
+the in-process rates leave out imports); wall times include everything. Each Ray stage starts once the
+one before it has let go of the cores (``settle``). Each measurement is repeated
 (``--repeats``) in alternating order and the median kept. Only meaningful on a quiet machine: the run
 prints the load average it saw.
 
@@ -169,6 +170,26 @@ def measure_in_process(
 # Ray stages, in this process's Ray
 
 
+def settle(cpus: float, busy_below: float = 30.0, quiet_s: float = 1.0, limit_s: float = 10.0) -> None:
+    """Wait until the stage before has let go: every CPU free in Ray and the machine below ``busy_below``
+    percent busy for ``quiet_s`` (at most ``limit_s``). A Ray Data stage's actors and blocks take about a
+    second to go once its last output is in (both cores 98-100% busy, then 22% and less); measured in that
+    tail, the decode stage after the encode stage took longer (docs/extraction-performance.md)."""
+    import ray
+
+    deadline = time.monotonic() + limit_s
+    quiet_since = None
+    while time.monotonic() < deadline:
+        free = ray.available_resources().get("CPU", 0) >= cpus
+        if free and psutil.cpu_percent(interval=0.25) < busy_below:
+            quiet_since = quiet_since or time.monotonic()
+            if time.monotonic() - quiet_since >= quiet_s:
+                return
+        else:
+            quiet_since = None
+            time.sleep(0.05)
+
+
 def stream(dataset, keep: list | None = None) -> tuple[float, float]:
     """Run ``dataset`` to its end: (wall seconds, steady videos/s between its 10% and 90% outputs)."""
     started = time.perf_counter()
@@ -315,11 +336,13 @@ def measure(count: int, args, encoder_ref, settings: DecodeSettings) -> tuple[di
         decoding = replace(compute, decode_parallelism=max(1, int(resources.cpus)))
         for repeat in range(args.repeats):
             decoded: list = []
+            settle(resources.cpus)
             wall, steady = stream(add_decoding(video_dataset(videos), storage, settings, decoding), decoded)
             results[DECODE].walls.append(wall)
             results[DECODE].steady.append(steady)
             stages = [ENCODE, PIPELINE] if repeat % 2 == 0 else [PIPELINE, ENCODE]
             for name in stages:
+                settle(resources.cpus)
                 if name == ENCODE:
                     import ray
 

@@ -1,13 +1,14 @@
-"""When the tasks of a stage start: plain Ray tasks against a Ray Data map, on a local Ray with every CPU.
+"""When the tasks of a stage start: plain Ray tasks, and a Ray Data map as Ray ships it and as jobs run it.
 
-Why the decode stage alone stays below 80% of the in-process rate at 96 videos and not at 400: Ray Data
-(2.60) starts the second of its two decode tasks a second after the first, where two plain Ray tasks start
-together. Its executor reads the cluster's resources from its autoscaling coordinator actor without
-waiting, gets nothing before the actor's first answer, and reads again only a second later
+Ray Data (2.60) starts the second of two tasks on 2 CPUs a second after the first, where two plain Ray
+tasks start together. Its executor reads the cluster's resources from its autoscaling coordinator actor
+without waiting, gets nothing before the actor's first answer, and reads again only a second later
 (``ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S``); until then it runs one task, the least it always
-allows. This prints each task's start, seconds after submission, for both, side by side:
-``python bench/task_starts.py [--tasks N] [--repeats R]``. Each task sleeps ``--task-s`` seconds on a CPU
-of its own, so that the tasks of one round can all run at once.
+allows. The jobs' drivers read again until the answer has come
+(``pipelines.compute.start_ray_data_on_every_cpu_at_once``). This prints each task's start, seconds after
+submission, for the three, rounds alternating: ``python bench/task_starts.py [--tasks N] [--repeats R]``.
+Each task sleeps ``--task-s`` seconds on a CPU of its own, so that the tasks of one round can all run at
+once.
 """
 
 from __future__ import annotations
@@ -61,16 +62,25 @@ def main() -> None:
     args = parser.parse_args()
     quiet_console()
     with ray_connection(ClusterOptions(), num_cpus=args.tasks):
+        from ray.data._internal.execution.resource_manager import ResourceManager
+
+        rereading = ResourceManager.get_global_limits
+        shipped = getattr(rereading, "shipped", rereading)
         plain_task_starts(args.tasks, 0.1)  # the workers started
-        rounds = {"plain Ray tasks": [], "Ray Data map": []}
-        for _ in range(args.repeats):
+        ray_data_task_starts(args.tasks, 0.1)  # and Ray Data's actors
+        rounds = {"plain Ray tasks": [], "Ray Data, as shipped": [], "Ray Data, as run": []}
+        for repeat in range(args.repeats):
             rounds["plain Ray tasks"].append(plain_task_starts(args.tasks, args.task_s))
-            rounds["Ray Data map"].append(ray_data_task_starts(args.tasks, args.task_s))
+            order = ["Ray Data, as shipped", "Ray Data, as run"]
+            for name in order if repeat % 2 == 0 else reversed(order):
+                ResourceManager.get_global_limits = shipped if name.endswith("shipped") else rereading
+                rounds[name].append(ray_data_task_starts(args.tasks, args.task_s))
+            ResourceManager.get_global_limits = rereading
     print(f"{args.tasks} tasks of {args.task_s:g} s, {args.tasks} CPUs; seconds from submission to a start")
     for name, starts in rounds.items():
         runs = "; ".join(", ".join(f"{start:.2f}" for start in run) for run in starts)
         last = statistics.median(run[-1] for run in starts)
-        print(f"{name:16s} last task started at {last:.2f} s (median)   runs: {runs}")
+        print(f"{name:20s} last task started at {last:.2f} s (median)   runs: {runs}")
 
 
 if __name__ == "__main__":
