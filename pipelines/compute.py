@@ -55,18 +55,18 @@ from .jobs import ClusterOptions, interrupt_on_sigterm, job_env
 # together while decoding a 480x270 clip to 224 px (measured); the rest is headroom for larger videos.
 DECODE_TASK_MEMORY = 512 * 1024 * 1024
 
-# Videos one decode task takes. Ray Data's cost of a task (the driver's scheduling, the worker's Arrow block
-# and object-store put) is paid once for several: decoding 400 videos on 2 cores went from 852-905 to
-# 1298-1311 frames/s with 8 a task instead of 1. And a CPU stays idle between one task's end and the next
-# one's start: Ray Data's executor looks for finished tasks every 0.1 s and only then starts the next, and
-# workers timed inside their tasks waited a median 0.09-0.21 s for it, a fifth to a third of an 8-video
-# task's 0.45 s. A task therefore decodes for seconds (up to 48 videos), handing its frames on a block at a
-# time as it goes (``decode_stage`` is a generator), so that it never holds more than about one block:
-# decoding 400 videos in 1-CPU tasks on 2 cores went from 62% to 80% of one core's in-process rate x 2 (69%
-# to 89% of both cores decoding at once) with 48 a task instead of 8, median of 3 alternating runs. With
-# fewer videos than that per decode CPU, each task takes an equal share, so that no CPU waits for one that
-# took them all.
-DECODE_VIDEOS_PER_TASK = 48
+# Videos one decode task takes, at most. Ray Data's cost of a task (the driver's scheduling, the worker's
+# Arrow block and object-store put) is paid once for several: decoding 400 videos on 2 cores went from
+# 852-905 to 1298-1311 frames/s with 8 a task instead of 1. And a CPU stays idle between one task's end and
+# the next one's start (Ray Data's executor looks for finished tasks every 0.1 s, then dispatches): timed
+# inside the workers, 0.03-0.46 s a time, median about 0.15 s. A task therefore decodes for seconds, handing
+# its frames on a block at a time as it goes (``decode_stage`` is a generator), so that it never holds more
+# than about one block however long it runs. Decoding 400 videos in 1-CPU tasks on 2 cores: 62% -> 80% of
+# one core's in-process rate x 2 with 48 a task instead of 8 (median of 3), and 3233 -> 3492 steady
+# frames/s, 12.45 -> 11.36 s with 100 instead of 48 (median of 4 alternating rounds, every round faster).
+# The videos are dealt out in whole rounds of the decode CPUs (``videos_per_decode_task``), so that no CPU
+# is left decoding a last task alone while the others wait.
+DECODE_VIDEOS_PER_TASK = 100
 # What a decode task hands on at once: at most 8 videos or DECODE_BLOCK_BYTES of frames (6 videos at 128 px,
 # 2 at 224 px). Ray Data joins what a task hands on until it passes its target block size, which the
 # extraction's datasets set to the same bytes, so blocks stay under twice that (8-12 videos at 128 px),
@@ -408,8 +408,11 @@ class ExtractionCompute:
         return args
 
     def videos_per_decode_task(self, videos: int) -> int:
-        """How many videos each decode task decodes, of ``videos`` to decode in all."""
-        return max(1, min(DECODE_VIDEOS_PER_TASK, math.ceil(videos / self.decode_parallelism)))
+        """How many videos each decode task decodes, of ``videos`` to decode in all: at most
+        ``DECODE_VIDEOS_PER_TASK``, in as few rounds of ``decode_parallelism`` equal tasks as that allows
+        (400 videos on 2 CPUs: 4 tasks of 100; 250 videos: 4 of 63, not 100, 100 and a last 50 alone)."""
+        rounds = math.ceil(videos / (self.decode_parallelism * DECODE_VIDEOS_PER_TASK))
+        return max(1, math.ceil(videos / (self.decode_parallelism * max(1, rounds))))
 
     def videos_per_decode_block(self, frame_bytes_per_video: int) -> int:
         """How many videos' frames a decode task hands on at once (one Ray Data block)."""

@@ -5,6 +5,8 @@ extraction pipeline in tests/pipelines/test_extract_features.py; these tests add
 predictors' plans, and the errors that say what to pass.
 """
 
+from dataclasses import replace
+
 import pytest
 
 from pipelines.compute import ClusterResources, plan_extraction, plan_inference
@@ -131,9 +133,14 @@ def test_decode_tasks_take_seconds_of_videos_shared_out_over_the_cpus_in_bounded
     huge = DecodeSettings(num_frames=2000, crop_size=448, resize_short=448)  # one video is over the budget
 
     assert compute.decode_parallelism == 14
-    assert compute.videos_per_decode_task(10_000) == DECODE_VIDEOS_PER_TASK == 48
-    assert compute.videos_per_decode_task(140) == 10  # fewer than 48 a CPU: an equal share each
+    assert compute.videos_per_decode_task(14 * 100 * 7) == DECODE_VIDEOS_PER_TASK == 100
+    assert compute.videos_per_decode_task(140) == 10  # fewer than 100 a CPU: an equal share each
     assert compute.videos_per_decode_task(3) == 1
+    # More than 100 a CPU: whole rounds of equal tasks, none decoding alone at the end.
+    assert compute.videos_per_decode_task(14 * 100 + 1) == 51  # 2 rounds of 14 tasks, not 14 + 1
+    assert compute.videos_per_decode_task(10_000) == 90  # 8 rounds
+    two_cpus = replace(compute, decode_parallelism=2)
+    assert two_cpus.videos_per_decode_task(400) == 100 and two_cpus.videos_per_decode_task(250) == 63
     assert compute.videos_per_decode_block(small.frame_bytes) == 6  # 4.9 MB a video at 128 px
     assert compute.videos_per_decode_block(vit_l.frame_bytes) == 2  # 15 MB a video at 224 px
     assert compute.videos_per_decode_block(DECODE_BLOCK_BYTES // 100) == DECODE_VIDEOS_PER_BLOCK == 8
