@@ -363,9 +363,7 @@ class ExtractStage:
         self.table_decoder = primary_decoder(settings.decoder)
 
     def __call__(self, videos: pa.Table) -> pa.Table:
-        decoded = decode_videos(videos, self.storage, self.decoder)
-        ok = [video.frames for video in decoded if video.ok]
-        frames = ok[0] if len(ok) == 1 else np.concatenate(ok) if ok else None
+        decoded, frames = decode_videos(videos, self.storage, self.decoder)
         return encode_videos(
             self.encoder, decoded, frames, self.num_frames, self.batch_size, self.table_decoder
         )
@@ -378,22 +376,32 @@ def decode_stage(
     idle moment between two tasks is rare, and holds no more than a block's frames while it runs."""
     decoder = shared_decoder(settings)  # one decoder process per Ray worker, reused across tasks
     for start in range(0, videos.num_rows, videos_per_block):
-        yield decoded_table(decode_videos(videos.slice(start, videos_per_block), storage, decoder))
+        yield decoded_table(*decode_videos(videos.slice(start, videos_per_block), storage, decoder))
 
 
-def decode_videos(videos: pa.Table, storage: Storage, decoder: IsolatedDecoder) -> list[DecodedVideo]:
-    """The rows (``video_id``, ``uri``) of a batch of videos, decoded one after another."""
-    return [
-        decode_video(video_id, uri, storage, decoder)
-        for video_id, uri in zip(videos["video_id"].to_pylist(), videos["uri"].to_pylist(), strict=True)
-    ]
+def decode_videos(
+    videos: pa.Table, storage: Storage, decoder: IsolatedDecoder
+) -> tuple[list[DecodedVideo], np.ndarray]:
+    """The rows (``video_id``, ``uri``) of a batch of videos, decoded one after another, and the frames
+    of the ok ones, in order, in one (videos x num_frames, crop, crop, 3) array. Each video is decoded
+    straight into its place there (its ``frames`` a view of it): joining them afterwards copied every
+    frame a second time, 1.4 ms of a 128 px video's 55 ms in a decode task."""
+    settings = decoder.settings
+    crop = settings.crop_size
+    frames = np.empty((videos.num_rows, settings.num_frames, crop, crop, 3), dtype=np.uint8)
+    decoded: list[DecodedVideo] = []
+    ok = 0
+    for video_id, uri in zip(videos["video_id"].to_pylist(), videos["uri"].to_pylist(), strict=True):
+        video = decode_video(video_id, uri, storage, decoder, out=frames[ok])
+        decoded.append(video)
+        ok += video.ok
+    return decoded, frames[:ok].reshape(-1, crop, crop, 3)
 
 
-def decoded_table(videos: list[DecodedVideo]) -> pa.Table:
-    """Decoded videos as a ``DECODED_SCHEMA`` table; one video's frames become its row's bytes without a
-    copy (several videos' are joined in one buffer)."""
-    frames = [video.frames.reshape(-1) for video in videos if video.ok]
-    data = pa.py_buffer(frames[0] if len(frames) == 1 else np.concatenate(frames) if frames else b"")
+def decoded_table(videos: list[DecodedVideo], frames: np.ndarray) -> pa.Table:
+    """Decoded videos as a ``DECODED_SCHEMA`` table; ``frames``, the ok videos' frames in order in one
+    contiguous array, becomes the bytes of their rows without a copy."""
+    data = pa.py_buffer(np.ascontiguousarray(frames).reshape(-1))
     sizes = [video.frames.nbytes if video.ok else 0 for video in videos]
     offsets = pa.py_buffer(np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64))
     columns = {

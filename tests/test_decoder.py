@@ -63,6 +63,21 @@ def test_frames_stay_as_decoded_when_the_next_video_comes_through_the_shared_buf
     assert not np.array_equal(second.frames, kept)
 
 
+def test_frames_can_go_into_a_callers_array_which_a_failure_leaves_untouched(decoder, sample_videos):
+    out = np.zeros((NUM_FRAMES, 128, 128, 3), dtype=np.uint8)
+    expected = decoder.decode(str(sample_videos["counter_10fps"]), name="expected").frames
+
+    sampled = decoder.decode(str(sample_videos["counter_10fps"]), name="into", out=out)
+
+    assert sampled.frames is out
+    np.testing.assert_array_equal(out, expected)
+    out[...] = 7
+    failed = decode_video("not_video", str(sample_videos["not_video"]), Storage(), decoder, out=out)
+    assert not failed.ok and (out == 7).all()
+    with pytest.raises(ValueError, match="could not broadcast"):
+        decoder.decode(str(sample_videos["counter_10fps"]), name="small", out=out[:, :64])
+
+
 def test_bytes_decode_like_the_file(decoder, sample_videos):
     path = sample_videos["vfr_offset"]
 

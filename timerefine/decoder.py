@@ -96,8 +96,12 @@ class IsolatedDecoder:
         with self._lock:
             self._running_process()
 
-    def decode(self, source: str | bytes, name: str) -> SampledFrames:
-        """Frames of ``source`` (a local path or a file's bytes) resized and cropped for the encoder."""
+    def decode(self, source: str | bytes, name: str, out: np.ndarray | None = None) -> SampledFrames:
+        """Frames of ``source`` (a local path or a file's bytes) resized and cropped for the encoder.
+
+        ``out``, a ``(num_frames, crop_size, crop_size, 3)`` uint8 array, receives the frames in place of a
+        new array: a caller gathering several videos in one buffer then copies each video once, not twice.
+        """
         payload = source if isinstance(source, bytes) else b""
         request = {
             "path": None if isinstance(source, bytes) else os.fspath(source),
@@ -125,7 +129,10 @@ class IsolatedDecoder:
             if not header["ok"]:
                 raise VideoDecodeError(name, header["error"])
             # A copy: the buffer holds the next video's frames once the lock is released.
-            frames = self._buffer.array(header["shape"]).copy()
+            shared = self._buffer.array(header["shape"])
+            frames = shared.copy() if out is None else out
+            if out is not None:
+                np.copyto(out, shared)  # a shape that differs is the caller's error, raised here
         return SampledFrames(
             frames=frames,
             times_s=np.asarray(header["times_s"], dtype=np.float32),
@@ -381,11 +388,14 @@ class DecodedVideo:
         return self.error is None
 
 
-def decode_video(video_id: str, uri: str, storage: Storage, decoder: IsolatedDecoder) -> DecodedVideo:
-    """Sample one video for the encoder; a video that cannot be read or decoded gives its reason."""
+def decode_video(
+    video_id: str, uri: str, storage: Storage, decoder: IsolatedDecoder, out: np.ndarray | None = None
+) -> DecodedVideo:
+    """Sample one video for the encoder; a video that cannot be read or decoded gives its reason. Its
+    frames go into ``out`` where given (``IsolatedDecoder.decode``), which an error leaves untouched."""
     try:
         source = storage.local_path(uri) or storage.read_bytes(uri)
-        sampled = decoder.decode(source, name=uri)
+        sampled = decoder.decode(source, name=uri, out=out)
     except (StorageError, VideoDecodeError) as error:
         reason = error.reason if isinstance(error, VideoDecodeError) else str(error)
         return DecodedVideo(video_id, uri, error=reason)

@@ -403,6 +403,24 @@ def test_a_decode_task_hands_its_videos_on_a_block_at_a_time_in_order(sample_vid
     np.testing.assert_array_equal(frames, expected.frames)
 
 
+def test_a_batch_decodes_straight_into_one_array_of_its_ok_videos_frames(sample_videos):
+    names = ("not_video", "counter_10fps", "zero_byte", "rotated_90")
+    videos = pa.table({"video_id": list(names), "uri": [str(sample_videos[name]) for name in names]})
+    decoder = IsolatedDecoder(DecodeSettings(num_frames=NUM_FRAMES, resize_short=128, crop_size=128))
+    try:
+        decoded, frames = extract_features.decode_videos(videos, Storage(), decoder)
+        alone = [decode_video(name, str(sample_videos[name]), Storage(), decoder) for name in names[1::2]]
+    finally:
+        decoder.close()
+
+    assert [video.ok for video in decoded] == [False, True, False, True]
+    assert frames.shape == (2 * NUM_FRAMES, 128, 128, 3) and frames.flags.c_contiguous
+    np.testing.assert_array_equal(frames, np.concatenate([video.frames for video in alone]))
+    # Each video was decoded into its place, not joined afterwards.
+    assert np.shares_memory(decoded[1].frames, frames[:NUM_FRAMES])
+    assert np.shares_memory(decoded[3].frames, frames[NUM_FRAMES:])
+
+
 def test_decoded_videos_cross_as_arrow_and_encode_into_the_feature_schema(tiny_encoder, sample_videos):
     paths = [sample_videos["counter_10fps"], sample_videos["not_video"], sample_videos["rotated_90"]]
     settings = DecodeSettings(num_frames=NUM_FRAMES, resize_short=128, crop_size=128)
@@ -415,7 +433,7 @@ def test_decoded_videos_cross_as_arrow_and_encode_into_the_feature_schema(tiny_e
     finally:
         for decoder in decoders:
             decoder.close()
-    decoded = extract_features.decoded_table(videos)
+    decoded = extract_features.decoded_table(videos, np.concatenate([videos[0].frames, videos[2].frames]))
     assert decoded.schema == extract_features.DECODED_SCHEMA
     _, sliced = extract_features.decoded_videos(decoded.slice(1), 128, NUM_FRAMES)  # an Arrow offset
     np.testing.assert_array_equal(sliced, videos[2].frames)
