@@ -6,7 +6,8 @@ In one run on the same synthetic videos (built-in encoder unless ``--encoder``),
 - in process, pinned to one core: decoding (the decoder's own sampling, resize and crop) and encoding
   (``ClipImageEncoder``, one torch thread) per video, on an even sample of up to 64 of the videos; and
   the same on every core at once, one pinned process a core, each phase started together (what the cores
-  do together: they share caches, memory bandwidth and the processor's power budget); once a repeat;
+  do together: they share caches, memory bandwidth and the processor's power budget); once a repeat,
+  right before its Ray stages, with no Ray running;
 - the work bound: cores / (decode s + encode s per video), what the cores could do with no overhead, from
   the one-core rates (the issue's targets) and from the rates at once;
 - each Ray stage alone: decode tasks, a CPU each on every CPU (frames into the object store), and
@@ -22,8 +23,10 @@ then the ratios issue 13 sets targets for. Stage rates are steady rates, videos 
 marks of their outputs over the time between them (workers' start and the last stragglers left out, as
 the in-process rates leave out imports); wall times include everything. Each Ray stage starts once the
 one before it has let go of the cores (``settle``). Each measurement is repeated
-(``--repeats``) in alternating order and the median kept. Only meaningful on a quiet machine: the run
-prints the load average it saw.
+(``--repeats``) in alternating order and the median kept; each ratio is the median of one ratio a repeat,
+its Ray run against the in-process rates measured seconds before it (this machine's speed moves by a
+fifth from one minute to the next, which a ratio of medians taken minutes apart moves with). Only
+meaningful on a quiet machine: the run prints the load average it saw.
 
     python bench/extract.py --videos 96 400
 """
@@ -304,37 +307,22 @@ def measure(count: int, args, encoder_ref, settings: DecodeSettings) -> tuple[di
     videos = {video_id_from_uri(str(path)): str(path) for path in sorted(videos_dir.glob("*.mp4"))}
     sample = list(videos.values())[:: max(1, len(videos) // 64)][:64]
     results: dict[str, Measure] = {name: Measure() for name in (DECODE, ENCODE, PIPELINE, EXTRACT, LOOP)}
-
-    # Whole processes first, with no Ray of this process running beside them; the in-process rates once a
-    # repeat too, since this machine's speed moves by a fifth from one minute to the next, and a ratio whose
-    # denominator was measured once moves with it.
-    in_process = []
+    storage = Storage()
+    in_process: list[dict] = []
+    plan = ""
     for repeat in range(args.repeats):
+        # The in-process rates right before this repeat's Ray stages, with no Ray running (an idle one
+        # keeps 2-3% of two cores busy): each ratio is then of two measurements seconds apart, where this
+        # machine's speed moves by a fifth from one minute to the next.
         in_process.append(
             measure_in_process(sample, args.encoder, args.num_frames, args.batch_size, args.decoder)
         )
-        first, second = (EXTRACT, LOOP) if repeat % 2 == 0 else (LOOP, EXTRACT)
-        for name in (first, second):
-            if name == EXTRACT:
-                results[EXTRACT].walls.append(
-                    run_extract(videos_dir, args.encoder, args.num_frames, args.decoder)[0]
-                )
-            else:
-                results[LOOP].walls.append(run_plain_loop(videos_dir, encoder_ref.path or encoder_ref.name))
-
-    results[EXTRACT].peaks.append(
-        run_extract(videos_dir, args.encoder, args.num_frames, args.decoder, memory=True)[1]
-    )
-    rates = {key: statistics.median(run[key] for run in in_process) for key in in_process[0]}
-
-    storage = Storage()
-    with ray_connection(ClusterOptions()):
-        resources = ClusterResources.of_running_cluster()
-        compute = plan_extraction(resources, args.encoders)
-        rates["plan"] = compute.describe()
-        # The decode stage alone has every CPU, as decode nodes give it (this machine's plan fuses it).
-        decoding = replace(compute, decode_parallelism=max(1, int(resources.cpus)))
-        for repeat in range(args.repeats):
+        with ray_connection(ClusterOptions()):
+            resources = ClusterResources.of_running_cluster()
+            compute = plan_extraction(resources, args.encoders)
+            plan = compute.describe()
+            # The decode stage alone has every CPU, as decode nodes give it (this machine's plan fuses it).
+            decoding = replace(compute, decode_parallelism=max(1, int(resources.cpus)))
             decoded: list = []
             settle(resources.cpus)
             wall, steady = stream(add_decoding(video_dataset(videos), storage, settings, decoding), decoded)
@@ -358,7 +346,42 @@ def measure(count: int, args, encoder_ref, settings: DecodeSettings) -> tuple[di
                 results[name].walls.append(wall)
                 results[name].steady.append(steady)
             del decoded
+        # Whole processes, with no Ray of this process running beside them.
+        first, second = (EXTRACT, LOOP) if repeat % 2 == 0 else (LOOP, EXTRACT)
+        for name in (first, second):
+            if name == EXTRACT:
+                results[EXTRACT].walls.append(
+                    run_extract(videos_dir, args.encoder, args.num_frames, args.decoder)[0]
+                )
+            else:
+                results[LOOP].walls.append(run_plain_loop(videos_dir, encoder_ref.path or encoder_ref.name))
+
+    results[EXTRACT].peaks.append(
+        run_extract(videos_dir, args.encoder, args.num_frames, args.decoder, memory=True)[1]
+    )
+    rates = {key: statistics.median(run[key] for run in in_process) for key in in_process[0]}
+    rates["plan"] = plan
+    rates["repeats"] = in_process
     return rates, results
+
+
+def repeat_ratios(results: dict[str, Measure], run: dict, repeat: int, cores: int, count: int) -> dict:
+    """The issue's ratios in one repeat: its Ray runs against the in-process rates ``run`` measured
+    seconds before them (where the machine was as fast as it then was)."""
+    bound = cores / (run["decode_s"] + run["encode_s"])
+    bound_together = cores / (run["decode_s_together"] + run["encode_s_together"])
+    decode, encode = results[DECODE].steady[repeat], results[ENCODE].steady[repeat]
+    pipeline = results[PIPELINE].steady[repeat]
+    return {
+        "decode": decode * run["decode_s"] / cores,
+        "encode": encode * run["encode_s"] / cores,
+        "pipeline": pipeline / bound,
+        "pipeline_wall": count / results[PIPELINE].walls[repeat] / bound,
+        "extract": results[LOOP].walls[repeat] / results[EXTRACT].walls[repeat],
+        "decode_together": decode * run["decode_s_together"] / cores,
+        "encode_together": encode * run["encode_s_together"] / cores,
+        "pipeline_together": pipeline / bound_together,
+    }
 
 
 def report(count: int, frames: int, rates: dict, results: dict[str, Measure], cores: int) -> dict:
@@ -384,16 +407,8 @@ def report(count: int, frames: int, rates: dict, results: dict[str, Measure], co
         steady = measured.steady_rate()
         steady_cell = f"{steady * frames:.0f}" if steady else ""
         print(f"| {name} | {measured.wall():.1f} | {rate:.2f} | {rate * frames:.0f} | {steady_cell} |")
-    ratios = {
-        "decode": results[DECODE].steady_rate() / (decode_rate * cores),
-        "encode": results[ENCODE].steady_rate() / (encode_rate * cores),
-        "pipeline": results[PIPELINE].steady_rate() / bound,
-        "pipeline_wall": count / results[PIPELINE].wall() / bound,
-        "extract": results[LOOP].wall() / results[EXTRACT].wall(),
-        "decode_together": results[DECODE].steady_rate() / (decode_together * cores),
-        "encode_together": results[ENCODE].steady_rate() / (encode_together * cores),
-        "pipeline_together": results[PIPELINE].steady_rate() / bound_together,
-    }
+    each = [repeat_ratios(results, run, repeat, cores, count) for repeat, run in enumerate(rates["repeats"])]
+    ratios = {name: statistics.median(one[name] for one in each) for name in each[0]}
     target = 0.75 if count < 400 else 0.9
     print(
         f"\n- Ray decode stage / (in-process decode x {cores} cores): {ratios['decode']:.0%} (target >= 80%)"
@@ -407,6 +422,16 @@ def report(count: int, frames: int, rates: dict, results: dict[str, Measure], co
     print(
         f"- against what the cores do at once: decode stage {ratios['decode_together']:.0%}, encode stage "
         f"{ratios['encode_together']:.0%}, pipeline {ratios['pipeline_together']:.0%} steady"
+    )
+    print(
+        "- each repeat's: decode stage "
+        + " / ".join(f"{one['decode']:.0%}" for one in each)
+        + ", encode stage "
+        + " / ".join(f"{one['encode']:.0%}" for one in each)
+        + ", pipeline "
+        + " / ".join(f"{one['pipeline']:.0%}" for one in each)
+        + ", extract "
+        + " / ".join(f"{one['extract']:.2f}x" for one in each)
     )
     peak = results[EXTRACT].peak()
     print(f"- peak memory of timerefine extract (PSS, process tree): {peak / 2**20:.0f} MiB")
