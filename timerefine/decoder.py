@@ -130,9 +130,11 @@ class IsolatedDecoder:
                 raise VideoDecodeError(name, header["error"])
             # A copy: the buffer holds the next video's frames once the lock is released.
             shared = self._buffer.array(header["shape"])
-            frames = shared.copy() if out is None else out
-            if out is not None:
+            if out is None:
+                frames = shared.copy()
+            else:
                 np.copyto(out, shared)  # a shape that differs is the caller's error, raised here
+                frames = out
         return SampledFrames(
             frames=frames,
             times_s=np.asarray(header["times_s"], dtype=np.float32),
