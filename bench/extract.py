@@ -371,11 +371,16 @@ def measure(count: int, args, encoder_ref, settings: DecodeSettings) -> tuple[di
     return rates, results
 
 
+def work_bound(rates: dict, cores: int, suffix: str = "") -> float:
+    """Videos/s the cores could do with no overhead: cores / (decode s + encode s per video); ``suffix``
+    "_together" takes the rates of every core at once."""
+    return cores / (rates["decode_s" + suffix] + rates["encode_s" + suffix])
+
+
 def repeat_ratios(results: dict[str, Measure], run: dict, repeat: int, cores: int, count: int) -> dict:
     """The issue's ratios in one repeat: its Ray runs against the in-process rates ``run`` measured
     seconds before them (where the machine was as fast as it then was)."""
-    bound = cores / (run["decode_s"] + run["encode_s"])
-    bound_together = cores / (run["decode_s_together"] + run["encode_s_together"])
+    bound, bound_together = work_bound(run, cores), work_bound(run, cores, "_together")
     decode, encode = results[DECODE].steady[repeat], results[ENCODE].steady[repeat]
     pipeline = results[PIPELINE].steady[repeat]
     return {
@@ -392,9 +397,8 @@ def repeat_ratios(results: dict[str, Measure], run: dict, repeat: int, cores: in
 
 def report(count: int, frames: int, rates: dict, results: dict[str, Measure], cores: int) -> dict:
     decode_rate, encode_rate = 1 / rates["decode_s"], 1 / rates["encode_s"]
-    bound = cores / (rates["decode_s"] + rates["encode_s"])
+    bound, bound_together = work_bound(rates, cores), work_bound(rates, cores, "_together")
     decode_together, encode_together = 1 / rates["decode_s_together"], 1 / rates["encode_s_together"]
-    bound_together = cores / (rates["decode_s_together"] + rates["encode_s_together"])
     print(f"\n### {count} videos ({frames} frames each)\n")
     print(f"Ray plan: {rates['plan']}\n")
     print("| measurement | wall s (median) | videos/s | frames/s | steady frames/s |")
@@ -429,16 +433,13 @@ def report(count: int, frames: int, rates: dict, results: dict[str, Measure], co
         f"- against what the cores do at once: decode stage {ratios['decode_together']:.0%}, encode stage "
         f"{ratios['encode_together']:.0%}, pipeline {ratios['pipeline_together']:.0%} steady"
     )
-    print(
-        "- each repeat's: decode stage "
-        + " / ".join(f"{one['decode']:.0%}" for one in each)
-        + ", encode stage "
-        + " / ".join(f"{one['encode']:.0%}" for one in each)
-        + ", pipeline "
-        + " / ".join(f"{one['pipeline']:.0%}" for one in each)
-        + ", extract "
-        + " / ".join(f"{one['extract']:.2f}x" for one in each)
+    shown = {"decode stage": ("decode", "{:.0%}"), "encode stage": ("encode", "{:.0%}")}
+    shown |= {"pipeline": ("pipeline", "{:.0%}"), "extract": ("extract", "{:.2f}x")}
+    per_repeat = (
+        f"{label} " + " / ".join(form.format(one[key]) for one in each)
+        for label, (key, form) in shown.items()
     )
+    print("- each repeat's: " + ", ".join(per_repeat))
     peak = results[EXTRACT].peak()
     print(f"- peak memory of timerefine extract (PSS, process tree): {peak / 2**20:.0f} MiB")
     return {"peak": peak}
