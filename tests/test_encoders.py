@@ -152,6 +152,19 @@ def test_decoder_resized_frames_are_only_cropped(real_frames):
     np.testing.assert_array_equal(cropped, real_frames[:, 6:102, 48:144])
 
 
+@pytest.mark.parametrize("short_side", [108, 72])  # cropped only / resized, then cropped
+def test_frames_are_cropped_into_the_callers_array(real_frames, short_side):
+    preprocessing = ClipPreprocessing(short_side, 64, (0.5,) * 3, (0.5,) * 3)
+    out = np.zeros((16, 64, 64, 3), dtype=np.uint8)
+
+    returned = preprocessing.resize_and_crop(real_frames, out=out)
+
+    assert returned is out
+    np.testing.assert_array_equal(out, preprocessing.resize_and_crop(real_frames))
+    with pytest.raises(ValueError):
+        preprocessing.resize_and_crop(real_frames, out=np.zeros((16, 96, 96, 3), dtype=np.uint8))
+
+
 def test_features_match_a_direct_single_image_forward(tiny_encoder, real_frames):
     processor = CLIPImageProcessor.from_pretrained(tiny_encoder.ref.path)
     reference = CLIPVisionModelWithProjection.from_pretrained(tiny_encoder.ref.path).eval()  # transformers'

@@ -283,8 +283,8 @@ def serve_decoding() -> None:
             )
             # The preprocessing's mean and std play no part in the crop.
             crop = ClipPreprocessing(request["resize_short"], request["crop_size"], (0, 0, 0), (1, 1, 1))
-            frames = crop.resize_and_crop(sampled.frames)
-            buffer.array(frames.shape)[...] = frames
+            shape = (len(sampled.frames), crop.crop_size, crop.crop_size, 3)
+            frames = crop.resize_and_crop(sampled.frames, out=buffer.array(shape))
         except VideoDecodeError as error:
             reason = error.reason
         except Exception as error:  # any other failure (MemoryError included) is this video's, not the job's

@@ -186,11 +186,13 @@ class ClipPreprocessing:
             return self.resize_short, int(self.resize_short * width / height)
         return int(self.resize_short * height / width), self.resize_short
 
-    def resize_and_crop(self, frames: np.ndarray) -> np.ndarray:
+    def resize_and_crop(self, frames: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """(T, H, W, 3) uint8 -> (T, crop, crop, 3) uint8: PIL bicubic short-side resize, centre crop.
 
         Frames whose short side already has the target length skip the resize: the decoder resized them,
         and its rounding of the long side may differ from transformers' by a pixel, which the crop absorbs.
+        ``out`` receives the crop in place of a new array (the decoder process crops straight into the
+        buffer it shares with its parent, one copy of the frames fewer).
         """
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
             raise ValueError(f"frames must be (T, H, W, 3) uint8, got {frames.dtype} {frames.shape}")
@@ -202,7 +204,11 @@ class ClipPreprocessing:
         if min(height, width) < self.crop_size:
             raise ValueError(f"frames of {width}x{height} are smaller than the {self.crop_size} px crop")
         top, left = (height - self.crop_size) // 2, (width - self.crop_size) // 2
-        return np.ascontiguousarray(frames[:, top : top + self.crop_size, left : left + self.crop_size])
+        cropped = frames[:, top : top + self.crop_size, left : left + self.crop_size]
+        if out is None:
+            return np.ascontiguousarray(cropped)
+        np.copyto(out, cropped)  # a shape that differs is the caller's error, raised here
+        return out
 
     def normalize(self, frames: np.ndarray) -> torch.Tensor:
         """(N, S, S, 3) uint8 -> (N, 3, S, S) float32 in CLIP's normalised range."""
