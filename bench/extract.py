@@ -86,6 +86,7 @@ class Measure:
     walls: list[float] = field(default_factory=list)
     steady: list[float] = field(default_factory=list)
     peaks: list[int] = field(default_factory=list)
+    cpu: list[dict[str, float]] = field(default_factory=list)  # CPU-seconds by role (``cpu_by_role``)
 
     def wall(self) -> float:
         return statistics.median(self.walls)
@@ -213,6 +214,48 @@ def stream(dataset, keep: list | None = None) -> tuple[float, float]:
     return wall, steady
 
 
+# What each kind of process on the machine is, for the CPU it used during a stage.
+DECODERS, WORKERS, DRIVER, RAY_OWN, OTHER = (
+    "decoder processes",
+    "Ray task workers (frames to the object store)",
+    "the driver (Ray Data's executor)",
+    "Ray's own processes",
+    "other processes",
+)
+# Ray Data's own actors (statistics, autoscaling, locations), counted with Ray's processes, not the stage's
+_RAY_DATA_ACTORS = ("_StatsActor", "AutoscalingRequester", "AutoscalingCoordinator", "ActorLocation")
+_RAY_PROCESSES = ("raylet", "gcs_server", "log_monitor", "monitor.py", "dashboard", "runtime_env")
+
+
+def _role(process: psutil.Process) -> str:
+    if process.pid == os.getpid():
+        return DRIVER
+    command = " ".join(process.cmdline())
+    if "serve_decoding" in command:
+        return DECODERS
+    if command.startswith("ray::") or "default_worker.py" in command:
+        return RAY_OWN if any(actor in command for actor in _RAY_DATA_ACTORS) else WORKERS
+    return RAY_OWN if any(name in command for name in _RAY_PROCESSES) else OTHER
+
+
+def cpu_by_role() -> dict[int, tuple[str, float]]:
+    """Every process's role and CPU-seconds so far (user + system): two of these around a stage say where
+    its cores went. A process that ends between the two is left out (the stages' processes outlive them)."""
+    seen = {}
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            times = process.cpu_times()
+            seen[process.pid] = (_role(process), times.user + times.system)
+    return seen
+
+
+def cpu_used(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    used = dict.fromkeys((DECODERS, WORKERS, DRIVER, RAY_OWN, OTHER), 0.0)
+    for pid, (role, seconds) in after.items():
+        used[role] += seconds - before.get(pid, (role, 0.0))[1]
+    return used
+
+
 # ---------------------------------------------------------------------------------------------------
 # Whole processes: timerefine extract and the plain loop
 
@@ -333,7 +376,9 @@ def measure(count: int, args, encoder_ref, settings: DecodeSettings) -> tuple[di
             stream(add_decoding(video_dataset(warm_up), storage, settings, decoding))
             decoded: list = []
             settle(resources.cpus)
+            before = cpu_by_role()
             wall, steady = stream(add_decoding(video_dataset(videos), storage, settings, decoding), decoded)
+            results[DECODE].cpu.append(cpu_used(before, cpu_by_role()) | {"wall": wall})
             results[DECODE].walls.append(wall)
             results[DECODE].steady.append(steady)
             stages = [ENCODE, PIPELINE] if repeat % 2 == 0 else [PIPELINE, ENCODE]
@@ -397,6 +442,30 @@ def repeat_ratios(results: dict[str, Measure], run: dict, repeat: int, cores: in
     }
 
 
+def decode_stage_cores(rates: dict, decode: Measure, cores: int, count: int) -> str:
+    """Where the decode stage's cores went, medians of the repeats: each role's share of cores x wall, and
+    the stage's ceiling that follows, the decoders' share x (in-process s a video / their CPU s a video):
+    what the decode ratio would be if the stage's own processes took no time of the decoders' cores."""
+    roles = (DECODERS, WORKERS, DRIVER, RAY_OWN, OTHER)
+    shares: dict[str, list[float]] = {role: [] for role in (*roles, "idle")}
+    decoder_ms, in_process_ms, ceilings = [], [], []
+    for run, used in zip(rates["repeats"], decode.cpu, strict=True):
+        available = cores * used["wall"]
+        for role in roles:
+            shares[role].append(used[role] / available)
+        shares["idle"].append(1 - sum(used[role] for role in roles) / available)
+        decoder_ms.append(1000 * used[DECODERS] / count)
+        in_process_ms.append(1000 * run["decode_s"])
+        ceilings.append(shares[DECODERS][-1] * in_process_ms[-1] / decoder_ms[-1])
+    where = ", ".join(f"{role} {statistics.median(values):.0%}" for role, values in shares.items())
+    decoder, in_process = statistics.median(decoder_ms), statistics.median(in_process_ms)
+    return (
+        f"- the decode stage's cores: {where}; the decoders' CPU a video {decoder:.1f} ms (in process, "
+        f"one core: {in_process:.1f} ms), so at most {statistics.median(ceilings):.0%} of the in-process "
+        "rate while the rest takes what it does"
+    )
+
+
 def report(count: int, frames: int, rates: dict, results: dict[str, Measure], cores: int) -> dict:
     decode_rate, encode_rate = 1 / rates["decode_s"], 1 / rates["encode_s"]
     bound, bound_together = work_bound(rates, cores), work_bound(rates, cores, "_together")
@@ -442,6 +511,7 @@ def report(count: int, frames: int, rates: dict, results: dict[str, Measure], co
         for label, (key, form) in shown.items()
     )
     print("- each repeat's: " + ", ".join(per_repeat))
+    print(decode_stage_cores(rates, results[DECODE], cores, count))
     peak = results[EXTRACT].peak()
     print(f"- peak memory of timerefine extract (PSS, process tree): {peak / 2**20:.0f} MiB")
     return {"peak": peak}
