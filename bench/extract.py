@@ -10,9 +10,10 @@ In one run on the same synthetic videos (built-in encoder unless ``--encoder``),
   right before its Ray stages, with no Ray running;
 - the work bound: cores / (decode s + encode s per video), what the cores could do with no overhead, from
   the one-core rates (the issue's targets) and from the rates at once;
-- each Ray stage alone: decode tasks, a CPU each on every CPU (frames into the object store), and
-  encoder actors fed frames decoded beforehand, as a GPU cluster runs them; on a Ray that has run a small
-  dataset first (a fresh one each repeat);
+- each Ray stage alone: decode tasks, a CPU each on every CPU (frames into the object store, each block
+  let go as it arrives, as the encoders let go of it), and encoder actors fed frames decoded beforehand,
+  as a GPU cluster runs them; on a Ray that has run a small dataset first (a fresh one each repeat), and
+  where the decode stage's cores went (by process: decoders, task workers, driver, Ray's own);
 - the pipeline: the job's Ray Data dataset as this machine's plan builds it (on CPUs, decoding and
   encoding in one actor a core), writing Parquet;
 - ``timerefine extract`` end to end (a fresh process: Python, Ray's start, workers, writing), and in one
@@ -374,13 +375,18 @@ def measure(count: int, args, encoder_ref, settings: DecodeSettings) -> tuple[di
             # job's time, start included, is timerefine extract's row.
             warm_up = dict(list(videos.items())[: 2 * int(resources.cpus)])
             stream(add_decoding(video_dataset(warm_up), storage, settings, decoding))
-            decoded: list = []
             settle(resources.cpus)
             before = cpu_by_role()
-            wall, steady = stream(add_decoding(video_dataset(videos), storage, settings, decoding), decoded)
+            # Each block let go as it arrives, as the encoders downstream let go of it: blocks kept for the
+            # whole stage fill a fresh Ray's object store with pages never touched before, and the task
+            # workers' puts took 16-22% of the cores instead of 6-8% (docs/extraction-performance.md).
+            wall, steady = stream(add_decoding(video_dataset(videos), storage, settings, decoding))
             results[DECODE].cpu.append(cpu_used(before, cpu_by_role()) | {"wall": wall})
             results[DECODE].walls.append(wall)
             results[DECODE].steady.append(steady)
+            decoded: list = []  # the encode stage's input, decoded again and kept (not timed)
+            settle(resources.cpus)
+            stream(add_decoding(video_dataset(videos), storage, settings, decoding), decoded)
             stages = [ENCODE, PIPELINE] if repeat % 2 == 0 else [PIPELINE, ENCODE]
             for name in stages:
                 settle(resources.cpus)
