@@ -378,8 +378,9 @@ def measure(count: int, args, encoder_ref, settings: DecodeSettings) -> tuple[di
             settle(resources.cpus)
             before = cpu_by_role()
             # Each block let go as it arrives, as the encoders downstream let go of it: blocks kept for the
-            # whole stage fill a fresh Ray's object store with pages never touched before, and the task
-            # workers' puts took 16-22% of the cores instead of 6-8% (docs/extraction-performance.md).
+            # whole stage fill a fresh Ray's object store with pages never touched before (2 GB at 400
+            # videos), whose page faults the task workers pay (22% of the cores in a first kept run, 6-8% on
+            # pages already touched; docs/extraction-performance.md).
             wall, steady = stream(add_decoding(video_dataset(videos), storage, settings, decoding))
             results[DECODE].cpu.append(cpu_used(before, cpu_by_role()) | {"wall": wall})
             results[DECODE].walls.append(wall)

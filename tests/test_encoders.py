@@ -161,8 +161,10 @@ def test_frames_are_cropped_into_the_callers_array(real_frames, short_side):
 
     assert returned is out
     np.testing.assert_array_equal(out, preprocessing.resize_and_crop(real_frames))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="out must have the frames' shape"):
         preprocessing.resize_and_crop(real_frames, out=np.zeros((16, 96, 96, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match="out must have the frames' shape"):  # not one frame broadcast
+        preprocessing.resize_and_crop(real_frames[:1], out=out)
 
 
 def test_features_match_a_direct_single_image_forward(tiny_encoder, real_frames):

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from timerefine.data.storage import Storage, StorageError
-from timerefine.encoders import ClipPreprocessing
+from timerefine.encoders import ClipPreprocessing, copy_frames_into
 from timerefine.video import SampledFrames, VideoDecodeError, VideoInfo, primary_decoder, sample_frames
 
 logger = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ class IsolatedDecoder:
             if out is None:
                 frames = shared.copy()
             else:
-                np.copyto(out, shared)  # a shape that differs is the caller's error, raised here
+                copy_frames_into(out, shared)
                 frames = out
         return SampledFrames(
             frames=frames,

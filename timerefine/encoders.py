@@ -148,6 +148,14 @@ def _check_encoder(directory: Path) -> None:
     ClipPreprocessing.from_pretrained(directory)
 
 
+def copy_frames_into(out: np.ndarray, frames: np.ndarray) -> None:
+    """Copy ``frames`` into the caller's ``out``; a shape that differs is an error (np.copyto alone would
+    broadcast one frame over all of them)."""
+    if out.shape != frames.shape:
+        raise ValueError(f"out must have the frames' shape {frames.shape}, got {out.shape}")
+    np.copyto(out, frames)
+
+
 @dataclass(frozen=True)
 class ClipPreprocessing:
     """CLIP's image preprocessing, as its image processor config describes it."""
@@ -207,7 +215,7 @@ class ClipPreprocessing:
         cropped = frames[:, top : top + self.crop_size, left : left + self.crop_size]
         if out is None:
             return np.ascontiguousarray(cropped)
-        np.copyto(out, cropped)  # a shape that differs is the caller's error, raised here
+        copy_frames_into(out, cropped)
         return out
 
     def normalize(self, frames: np.ndarray) -> torch.Tensor:
